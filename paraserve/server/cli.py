@@ -1,0 +1,134 @@
+"""`paraserve` command line: generate, chat (serve, bench and train-drafter come later).
+
+Engine flags are generated from the config dataclasses, so defaults live in one place.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Optional, Sequence
+
+from paraserve.config import ConfigError, engine_fields
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = True) -> None:
+    group = parser.add_argument_group("engine")
+    for f in engine_fields():
+        help_text = f.metadata.get("help", "")
+        if f.name == "model" and positional_model:
+            parser.add_argument("model", nargs="?", default=None, help=help_text)
+            group.add_argument("--model", dest="model_flag", default=None, help="same as MODEL")
+            continue
+        kw: dict[str, Any] = {"default": f.default, "help": f"{help_text} (default: {f.default})"}
+        if f.type in (bool, "bool"):
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = _arg_type(f)
+            if "choices" in f.metadata:
+                kw["choices"] = f.metadata["choices"]
+        group.add_argument(_flag(f.name), dest=f.name, **kw)
+
+
+def _arg_type(f: dataclasses.Field):
+    t = str(f.type)
+    if "int" in t:
+        return int
+    if "float" in t:
+        return float
+    return str
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    out = {f.name: getattr(args, f.name) for f in engine_fields() if hasattr(args, f.name)}
+    if getattr(args, "model_flag", None):
+        out["model"] = args.model_flag
+    return out
+
+
+def add_sampling_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=256, help="tokens to generate (default: 256)")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0.0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="0 disables (default: 0)")
+    g.add_argument("--min-p", type=float, default=0.0, help="(default: 0.0)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="(default: 1.0)")
+    g.add_argument("--sampling-seed", type=int, default=None, help="per-request seed (default: none)")
+    g.add_argument("--stop", action="append", default=None, help="stop string, repeatable (default: none)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating after EOS (default: off)")
+
+
+def sampling_params(args: argparse.Namespace):
+    from paraserve.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paraserve", description="LLM inference and serving engine",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    gen = sub.add_parser("generate", help="generate text for one or more prompts")
+    add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text, repeatable")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    gen.add_argument("--json", action="store_true", help="print JSON lines instead of text")
+    add_sampling_args(gen)
+    chat = sub.add_parser("chat", help="terminal chat with streaming output")
+    add_engine_args(chat)
+    chat.add_argument("--system", default=None, help="system prompt (default: the template's)")
+    add_sampling_args(chat)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        if args.command == "chat":
+            from paraserve.server.chat import run_chat
+
+            return run_chat(args, engine_kwargs(args), sampling_params(args))
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from paraserve.llm import LLM
+
+    params = sampling_params(args)
+    llm = LLM(**engine_kwargs(args))
+    if args.chat:
+        convs = [[{"role": "user", "content": p}] for p in args.prompt]
+        outputs = llm.chat(convs, params, use_tqdm=False)
+    else:
+        outputs = llm.generate(args.prompt, params, use_tqdm=False)
+    for prompt, out in zip(args.prompt, outputs):
+        o = out.outputs[0]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "text": o.text, "token_ids": o.token_ids,
+                              "finish_reason": o.finish_reason}))
+        else:
+            print(f"--- {prompt}\n{o.text}\n[{len(o.token_ids)} tokens, finish: {o.finish_reason}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
