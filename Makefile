@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-test.txt pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/paraserve generate --prompt "What is the capital of France?" --chat --max-tokens 64
+	$(BIN)/paraserve serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -79,6 +79,7 @@ class CompletionOutput:
     logprobs: Optional[SampleLogprobs]
     finish_reason: Optional[str] = None  # "stop" | "length" | "abort"
     stop_reason: Optional[object] = None  # the stop string or token id that ended it
+    delta_text: str = ""  # text new since this request's previous output (for streaming)
 
     def finished(self) -> bool:
         return self.finish_reason is not None

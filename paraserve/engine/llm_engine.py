@@ -32,7 +32,7 @@ class LLMEngine:
         self.max_model_len = self._max_model_len()
         self.model_name = config.model.served_model_name or self.source.name
         self.worker = Worker(config, self.source, self.hf_config, self.max_model_len)
-        num_blocks = self.worker.num_kv_blocks()
+        num_blocks = self.worker.num_kv_blocks(self.max_model_len)
         block_size = config.cache.block_size
         if num_blocks * block_size < self.max_model_len and config.cache.num_gpu_blocks_override is None:
             raise ConfigError(

@@ -99,7 +99,7 @@ class OutputProcessor:
     def output(self, request_id: str) -> RequestOutput:
         p = self.parents[request_id]
         outs = [CompletionOutput(c.index, c.detok.output_text, list(c.token_ids), c.cumulative_logprob,
-                                 c.logprobs, c.finish_reason, c.stop_reason)
+                                 c.logprobs, c.finish_reason, c.stop_reason, c.detok.get_delta())
                 for c in sorted(p.children.values(), key=lambda c: c.index)]
         return RequestOutput(request_id, p.prompt, p.prompt_token_ids, p.prompt_logprobs, outs,
                              p.finished, p.num_cached_tokens)

@@ -1,4 +1,4 @@
-"""`paraserve` command line: generate, chat (serve, bench and train-drafter come later).
+"""`paraserve` command line: serve, generate, chat.
 
 Engine flags are generated from the config dataclasses, so defaults live in one place.
 """
@@ -72,10 +72,27 @@ def sampling_params(args: argparse.Namespace):
                           seed=args.sampling_seed, stop=args.stop, ignore_eos=args.ignore_eos)
 
 
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    from paraserve.server.api_server import ServerConfig
+
+    d = ServerConfig()
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default=d.host, help=f"address to bind (default: {d.host})")
+    g.add_argument("--port", type=int, default=d.port, help=f"port; 0 picks a free one (default: {d.port})")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: none)")
+    g.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests allowed to wait beyond --max-num-seqs before 429 (default: {d.max_queue})")
+    g.add_argument("--graceful-timeout", type=float, default=d.graceful_timeout,
+                   help=f"seconds running requests get to finish on SIGTERM (default: {d.graceful_timeout})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="paraserve", description="LLM inference and serving engine",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server")
+    add_engine_args(serve)
+    add_server_args(serve)
     gen = sub.add_parser("generate", help="generate text for one or more prompts")
     add_engine_args(gen)
     gen.add_argument("--prompt", action="append", required=True, help="prompt text, repeatable")
@@ -96,18 +113,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command == "serve":
+            return _serve(args)
         if args.command == "generate":
             return _generate(args)
         if args.command == "chat":
             from paraserve.server.chat import run_chat
 
             return run_chat(args, engine_kwargs(args), sampling_params(args))
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        from paraserve.models.loader import ModelLoadError
+
+        if isinstance(e, (ConfigError, ValueError, ModelLoadError)):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from paraserve.config import EngineConfig
+    from paraserve.engine.async_engine import AsyncLLM
+    from paraserve.llm import _setup_logging
+    from paraserve.server.api_server import ServerConfig, run_server
+
+    if args.max_queue < 0 or not 0 <= args.port < 65536:
+        raise ConfigError("--max-queue must be >= 0 and --port in [0, 65535]")
+    _setup_logging()
+    engine = AsyncLLM(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    return run_server(engine, ServerConfig(args.host, args.port, args.api_key, args.max_queue,
+                                           args.graceful_timeout))
 
 
 def _generate(args: argparse.Namespace) -> int:

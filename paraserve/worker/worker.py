@@ -82,7 +82,7 @@ class Worker:
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
-    def num_kv_blocks(self) -> int:
+    def num_kv_blocks(self, max_model_len: int) -> int:
         cache = self.config.cache
         if cache.num_gpu_blocks_override is not None:
             return cache.num_gpu_blocks_override
@@ -94,7 +94,10 @@ class Worker:
         else:
             budget = min(int(_available_ram() * 0.25), 4 << 30)
         per_block = kv_bytes_per_token(self.hf_config, self.dtype) * cache.block_size
-        return max(budget // per_block, 1)
+        # more than twice what max_num_seqs full-length sequences can hold is never used
+        # (the second half keeps evicted prefixes cached)
+        useful = 2 * self.config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
+        return max(min(budget // per_block, useful), 1)
 
     def init_kv_cache(self, num_blocks: int) -> None:
         cfg = self.hf_config
