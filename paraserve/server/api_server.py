@@ -5,6 +5,7 @@ import contextlib
 import hmac
 import json
 import logging
+import signal
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,7 +68,9 @@ def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:
         if err.get("type") == "json_invalid":
             return error_response(APIError(400, "the request body is not valid JSON"))
         msg = err.get("msg", "invalid request")
-        return error_response(APIError(400, f"{'.'.join(loc) or 'body'}: {msg}", loc[0] if loc else None))
+        if len(exc.errors()) > 1 and loc:  # a union field: no branch matched
+            msg = f"invalid value ({msg.lower()}, or another accepted type)"
+        return error_response(APIError(400, f"{loc[0] if loc else 'body'}: {msg}", loc[0] if loc else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
@@ -142,6 +145,18 @@ def _sse_response(gen) -> StreamingResponse:
 def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
     import uvicorn
 
+    class _Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises SIGTERM/SIGINT after its graceful shutdown, so the process dies
+            # by the signal; a shutdown that was asked for and completed is a clean exit (0)
+            originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in originals.items():
+                    signal.signal(sig, handler)
+
     import socket
 
     app = build_app(engine, config)
@@ -162,7 +177,7 @@ def run_server(engine: AsyncLLM, config: ServerConfig) -> int:
           f"context {engine.max_model_len})\n"
           f"  try: curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
+    server = _Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning",
                                            timeout_graceful_shutdown=config.graceful_timeout))
     server.run(sockets=[sock])
     return 0

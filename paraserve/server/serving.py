@@ -86,6 +86,7 @@ class Serving:
 
         tasks = [asyncio.create_task(pump(j)) for j in jobs]
         remaining = len(jobs)
+        done: set[int] = set()
         try:
             while remaining:
                 job, item = await queue.get()
@@ -95,9 +96,13 @@ class Serving:
                     raise _as_api_error(item)
                 else:
                     if item.finished:
+                        done.add(job.index)
                         self._observe(job, item)
                     yield job, item
         finally:
+            for job in jobs:
+                if job.index not in done:  # client gone or request failed: it was aborted
+                    self.metrics.success.labels(self.model_name, "abort").inc(job.params.n)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
