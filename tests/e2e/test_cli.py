@@ -45,3 +45,13 @@ def test_bad_input_is_one_line_error(args, message, tiny_model_dir):
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     assert message in r.stderr.strip().splitlines()[-1]
+
+
+def test_chat_streams_a_reply_and_exits_on_eof(tiny_model_dir):
+    path = str(tiny_model_dir("llama"))
+    r = subprocess.run([sys.executable, "-m", "paraserve.server.cli", "chat", path, "--dtype", "float32",
+                        "--max-tokens", "8", "--ignore-eos"], input="Hello\nHow are you?\n",
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("> ") >= 3  # two turns answered, then the prompt at EOF
+    assert "Traceback" not in r.stderr
