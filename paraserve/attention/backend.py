@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -28,6 +28,8 @@ class AttentionMetadata:
     decode_seq_lens: torch.Tensor  # [Bd]
     other_reqs: list[int]  # the rest (prefill chunks, trees), one attention call each
     custom_masks: Optional[dict[int, torch.Tensor]] = None  # req index -> [q, q] bool
+    # a backend's per-step work shared by all layers (gather indices, masks), built by layer 0
+    scratch: dict = field(default_factory=dict)
 
 
 class AttentionBackend(abc.ABC):

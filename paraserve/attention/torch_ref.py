@@ -1,5 +1,11 @@
-"""The reference backend: plain torch SDPA over K/V gathered from the paged cache."""
+"""The reference backend: plain torch SDPA over K/V gathered from the paged cache.
+
+Gather indices and masks depend only on the step, not the layer: the first layer builds them
+into meta.scratch and the others reuse them.
+"""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -12,45 +18,60 @@ class TorchAttentionBackend(AttentionBackend):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, KVH, D]
-        kvh, d = k_cache.shape[-2:]
-        k_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)
-        v_cache.view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+        kvh, d = kv_cache.shape[-2:]
+        k_flat = kv_cache[0].view(-1, kvh, d)  # [num_slots, KVH, D]
+        v_flat = kv_cache[1].view(-1, kvh, d)
+        k_flat.index_copy_(0, meta.slot_mapping, k)
+        v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode_reqs.numel():
-            out[meta.decode_tokens] = self._decode(q[meta.decode_tokens], k_cache, v_cache, meta, scale)
-        for i in meta.other_reqs:
-            s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
-            mask = None if meta.custom_masks is None else meta.custom_masks.get(i)
-            out[s:e] = self._extend(q[s:e], k_cache, v_cache, meta.block_tables[i],
-                                    meta.seq_lens[i], mask, scale)
+            slots, valid = self._decode_plan(meta, kv_cache.shape[2])
+            o = F.scaled_dot_product_attention(
+                q[meta.decode_tokens].unsqueeze(2),  # [Bd, H, 1, D]
+                k_flat[slots].transpose(1, 2), v_flat[slots].transpose(1, 2),  # [Bd, KVH, L, D]
+                attn_mask=valid, scale=scale, enable_gqa=True)
+            out[meta.decode_tokens] = o.squeeze(2)
+        for i, (s, e, slots, mask) in zip(meta.other_reqs, self._extend_plan(meta, kv_cache.shape[2])):
+            qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if slots is None:  # a fresh prompt: its keys are exactly the new ones
+                ki, vi = k[s:e], v[s:e]
+            else:
+                ki, vi = k_flat[slots], v_flat[slots]
+            o = F.scaled_dot_product_attention(
+                qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, is_causal=slots is None, scale=scale, enable_gqa=True)
+            out[s:e] = o.squeeze(0).transpose(0, 1)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        bs = k_cache.shape[1]
-        max_len = int(meta.decode_seq_lens.max())
-        tables = meta.block_tables[meta.decode_reqs, : -(-max_len // bs)]  # [Bd, nb]
-        keys = k_cache[tables].flatten(1, 2)[:, :max_len]  # [Bd, L, KVH, D]
-        values = v_cache[tables].flatten(1, 2)[:, :max_len]
-        valid = torch.arange(max_len) < meta.decode_seq_lens.unsqueeze(1)  # [Bd, L]
-        o = F.scaled_dot_product_attention(
-            q.unsqueeze(2), keys.transpose(1, 2), values.transpose(1, 2),
-            attn_mask=valid[:, None, None, :], scale=scale, enable_gqa=True)  # [Bd, H, 1, D]
-        return o.squeeze(2)
+    def _decode_plan(self, meta: AttentionMetadata, block_size: int):
+        plan = meta.scratch.get("decode")
+        if plan is None:
+            max_len = int(meta.decode_seq_lens.max())
+            pos = torch.arange(max_len)
+            tables = meta.block_tables[meta.decode_reqs]  # [Bd, max_blocks]
+            slots = tables[:, pos // block_size] * block_size + pos % block_size  # [Bd, L]
+            valid = (pos < meta.decode_seq_lens.unsqueeze(1))[:, None, None, :]  # [Bd, 1, 1, L]
+            plan = meta.scratch["decode"] = (slots, valid)
+        return plan
 
-    def _extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                table: torch.Tensor, seq_len: int, tree_mask, scale: float) -> torch.Tensor:
-        n = q.shape[0]
-        bs = k_cache.shape[1]
-        blocks = table[: -(-seq_len // bs)]
-        keys = k_cache[blocks].flatten(0, 1)[:seq_len]  # [L, KVH, D]
-        values = v_cache[blocks].flatten(0, 1)[:seq_len]
-        computed = seq_len - n
-        mask = torch.ones(n, seq_len, dtype=torch.bool).tril(computed)  # causal over slots
-        if tree_mask is not None:
-            mask[:, computed:] = tree_mask
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0),
-            values.transpose(0, 1).unsqueeze(0), attn_mask=mask, scale=scale, enable_gqa=True)
-        return o.squeeze(0).transpose(0, 1)  # [n, H, D]
+    def _extend_plan(self, meta: AttentionMetadata, block_size: int):
+        """Per request: (token start, end, cache slots or None, mask or None)."""
+        plan = meta.scratch.get("extend")
+        if plan is None:
+            plan = []
+            for i in meta.other_reqs:
+                s, e = meta.query_start_loc[i], meta.query_start_loc[i + 1]
+                n, seq_len = e - s, meta.seq_lens[i]
+                tree: Optional[torch.Tensor] = None if meta.custom_masks is None else meta.custom_masks.get(i)
+                if seq_len == n and tree is None:
+                    plan.append((s, e, None, None))
+                    continue
+                pos = torch.arange(seq_len)
+                slots = meta.block_tables[i, pos // block_size] * block_size + pos % block_size
+                computed = seq_len - n
+                mask = torch.ones(n, seq_len, dtype=torch.bool).tril(computed)  # causal over slots
+                if tree is not None:
+                    mask[:, computed:] = tree
+                plan.append((s, e, slots, mask))
+            meta.scratch["extend"] = plan
+        return plan

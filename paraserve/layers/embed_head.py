@@ -9,6 +9,7 @@ from torch import nn
 
 from paraserve.distributed import comm
 from paraserve.distributed.parallel_state import get_tp_group
+from paraserve.layers.linear import pack_weight, packed_linear
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -38,7 +39,10 @@ class VocabParallelEmbedding(nn.Module):
 class ParallelLMHead(VocabParallelEmbedding):
     """Logits for a vocabulary slice per rank, gathered to the full vocabulary."""
 
+    def process_weights_after_loading(self) -> None:
+        self.packed = pack_weight(self.weight)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [T, hidden] -> [T, vocab]
-        logits = F.linear(hidden, self.weight)
+        logits = packed_linear(hidden, self.weight, getattr(self, "packed", None), None)
         logits = comm.all_gather_last_dim(logits, self.tp)
         return logits[..., :self.vocab_size]

@@ -21,6 +21,21 @@ def _divide(n: int, d: int, what: str) -> int:
     return n // d
 
 
+def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
+    """bf16 on CPU: the weight in oneDNN's blocked layout (what inductor's freezing does), whose
+    GEMM/GEMV run ~1.4x faster than on the plain layout. None where it does not apply."""
+    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
+        return torch.ops.mkldnn._reorder_linear_weight(weight.data, 64)
+    return None
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: Optional[torch.Tensor],
+                  bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if packed is not None and x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, weight, bias)
+
+
 class LinearBase(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -34,7 +49,13 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._matmul(x, self.bias)
+
+    def process_weights_after_loading(self) -> None:
+        self.packed = pack_weight(self.weight)
+
+    def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        return packed_linear(x, self.weight, getattr(self, "packed", None), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
                       shard_id: Optional[object] = None) -> None:
@@ -42,7 +63,8 @@ class LinearBase(nn.Module):
 
 
 class ReplicatedLinear(LinearBase):
-    pass
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._matmul(x, self.bias)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -53,7 +75,7 @@ class ColumnParallelLinear(LinearBase):
         self.gather_output = gather_output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self._matmul(x, self.bias)
         return comm.all_gather_last_dim(y, self.tp) if self.gather_output else y
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
@@ -112,7 +134,7 @@ class RowParallelLinear(LinearBase):
         super().__init__(_divide(in_features, tp.size, "input features"), out_features, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)
+        y = self._matmul(x, None)
         y = comm.all_reduce(y, self.tp)
         return y + self.bias if self.bias is not None else y
 

@@ -31,16 +31,34 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    # Measured on the 2-core AVX-512-BF16 CPU with SmolLM2-135M (see README): float32 beats
-    # bfloat16 end to end (128-token prefill 0.15 s vs 0.22 s, 16-way decode 136 vs 122 tok/s),
-    # since casts in norms, rotary and attention cost more than bf16 GEMMs save at this size.
-    # On GPUs bf16 is the standard choice.
+def resolve_dtype(name: str, device: torch.device, hf_config=None) -> torch.dtype:
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return _fastest_cpu_dtype(hf_config)
     if name == "float16" and device.type == "cpu":
         raise ConfigError("--dtype float16 is slow and lossy on CPU: use bfloat16 or float32")
     return _DTYPES[name]
+
+
+def _fastest_cpu_dtype(hf_config) -> torch.dtype:
+    """Time one MLP-shaped GEMM in each dtype and keep the faster. CPUs differ: on the AMD Zen 4
+    machines of FACTS.md bf16 GEMMs run ~1.7x float32; on the Xeon this was built on, float32 runs
+    ~1.8x bf16 (see README). A 64-row GEMM stands for batched decode and prefill chunks."""
+    hidden = getattr(hf_config, "hidden_size", 1024)
+    inter = getattr(hf_config, "intermediate_size", 4 * hidden)
+    rates = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = torch.randn(64, hidden, dtype=dtype), torch.randn(inter, hidden, dtype=dtype)
+        torch.nn.functional.linear(x, w)
+        t0 = time.perf_counter()
+        for _ in range(5):
+            torch.nn.functional.linear(x, w)
+        rates[dtype] = 5 * 2 * 64 * hidden * inter / (time.perf_counter() - t0) / 1e9
+    best = max(rates, key=rates.get)
+    logger.info("dtype auto: %s (GEMM 64x%dx%d: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s)",
+                str(best).removeprefix("torch."), hidden, inter, rates[torch.float32], rates[torch.bfloat16])
+    return best
 
 
 @contextlib.contextmanager
@@ -64,9 +82,9 @@ class Worker:
         self.config = config
         self.hf_config = hf_config
         self.device = resolve_device(config.device.device)
-        self.dtype = resolve_dtype(config.model.dtype, self.device)
         if self.device.type == "cpu":
             torch.set_num_threads(config.device.threads or os.cpu_count() or 1)
+        self.dtype = resolve_dtype(config.model.dtype, self.device, hf_config)
         parallel_state.init_single_process()
         torch.manual_seed(config.model.seed)
         t0 = time.monotonic()
@@ -74,6 +92,9 @@ class Worker:
         with _default_dtype(self.dtype), self.device:
             model = model_cls(hf_config, get_backend("torch"), max_model_len)
         model.load_weights(iter_weights(source))
+        for module in model.modules():  # kernel-specific weight layouts, once weights are final
+            if hasattr(module, "process_weights_after_loading"):
+                module.process_weights_after_loading()
         self.model = model.eval()
         logger.info("loaded %s (%s, %s) in %.1f s", source.name, self.dtype_name, self.device,
                     time.monotonic() - t0)

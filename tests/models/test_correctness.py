@@ -44,3 +44,21 @@ def test_prefill_logprobs_match_transformers(arch, tiny_model_dir):
     full = hf_logprobs(hf, prompt + [tok])
     assert sample_lp[tok].logprob == pytest.approx(full[-2, tok].item(), abs=1e-4)
     assert sample_lp[tok].rank == 1  # greedy picks the top token
+
+
+def test_bfloat16_engine_tracks_transformers_bfloat16(tiny_model_dir):
+    path = tiny_model_dir("qwen3")
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    llm = LLM(str(path), dtype="bfloat16", block_size=4, max_model_len=256)
+    assert llm.engine.worker.dtype == torch.bfloat16
+    prompt = PROMPTS[2]
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0),
+                       use_tqdm=False)[0]
+    with torch.inference_mode():
+        t = torch.tensor([prompt])
+        ref = torch.log_softmax(hf(input_ids=t, attention_mask=torch.ones_like(t)).logits[0].float(), -1)
+    diffs = [abs(out.prompt_logprobs[i][prompt[i]].logprob - ref[i - 1, prompt[i]].item()) for i in range(1, len(prompt))]
+    assert max(diffs) < 0.15  # bf16 rounding differs in places, not in substance
+    assert sum(diffs) / len(diffs) < 0.03
