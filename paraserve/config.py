@@ -77,6 +77,15 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: Optional[str] = None
+    max_queue: int = 256  # requests waiting beyond the running batch before 429
+    graceful_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -8,7 +8,6 @@ import logging
 import signal
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -16,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from paraserve.config import ServerConfig
 from paraserve.engine.async_engine import AsyncLLM
 from paraserve.server.errors import APIError, error_response
 from paraserve.server.metrics import Metrics
@@ -24,15 +24,6 @@ from paraserve.server.protocol import (ChatCompletionRequest, CompletionRequest,
 from paraserve.server.serving import Serving
 
 logger = logging.getLogger("paraserve")
-
-
-@dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: Optional[str] = None
-    max_queue: int = 256  # requests waiting beyond the running batch before 429
-    graceful_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
 
 
 def build_app(engine: AsyncLLM, config: ServerConfig) -> FastAPI:

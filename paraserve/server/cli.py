@@ -25,7 +25,8 @@ def add_engine_args(parser: argparse.ArgumentParser, positional_model: bool = Tr
             parser.add_argument("model", nargs="?", default=None, help=help_text)
             group.add_argument("--model", dest="model_flag", default=None, help="same as MODEL")
             continue
-        kw: dict[str, Any] = {"default": f.default, "help": f"{help_text} (default: {f.default})"}
+        shown = help_text if "default:" in help_text else f"{help_text} (default: {f.default})"
+        kw: dict[str, Any] = {"default": f.default, "help": shown}
         if f.type in (bool, "bool"):
             kw["action"] = argparse.BooleanOptionalAction
         else:
@@ -73,7 +74,7 @@ def sampling_params(args: argparse.Namespace):
 
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
-    from paraserve.server.api_server import ServerConfig
+    from paraserve.config import ServerConfig
 
     d = ServerConfig()
     g = parser.add_argument_group("server")
@@ -103,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     chat.add_argument("--system", default=None, help="system prompt (default: the template's)")
     add_sampling_args(chat)
+    from paraserve.bench import add_parser as add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -121,6 +125,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from paraserve.server.chat import run_chat
 
             return run_chat(args, engine_kwargs(args), sampling_params(args))
+        if args.command == "bench":
+            from paraserve.bench import main as run_bench
+
+            return run_bench(args)
     except KeyboardInterrupt:
         return 130
     except Exception as e:
@@ -137,7 +145,8 @@ def _serve(args: argparse.Namespace) -> int:
     from paraserve.config import EngineConfig
     from paraserve.engine.async_engine import AsyncLLM
     from paraserve.llm import _setup_logging
-    from paraserve.server.api_server import ServerConfig, run_server
+    from paraserve.config import ServerConfig
+    from paraserve.server.api_server import run_server
 
     if args.max_queue < 0 or not 0 <= args.port < 65536:
         raise ConfigError("--max-queue must be >= 0 and --port in [0, 65535]")
