@@ -1,0 +1,138 @@
+"""Tree verification: which drafts the target model accepts, and the one token after them.
+
+Pure tensor functions over a batch of requests (PackedTrees, node 0 = root, see tree.py):
+no .item() and no data-dependent shapes, so on GPU the caller's read of the result is the one
+host sync. Python loops run over the static beam width W and length L only.
+
+Sampling rule, and why it is lossless. One speculative step (Leviathan et al. 2023, "Fast
+inference from transformers via speculative decoding"; Chen et al. 2023, "Accelerating large
+language model decoding with speculative sampling"): a draft x ~ q is accepted with probability
+min(1, p(x)/q(x)), otherwise a token is drawn from the residual r = norm(max(p - q, 0)). Then
+P(y) = min(q(y), p(y)) + (1 - sum_x min(q(x), p(x))) r(y) = min(q, p)(y) + max(p - q, 0)(y)
+= p(y). Recursive rejection over siblings (SpecInfer's multi-step speculative sampling, Miao et
+al. 2023; multi-draft: SpecTr, Sun et al. 2023): instead of drawing from r, run the same step
+against target r with the next sibling draft x' ~ q'. That step outputs a draw from r, so the
+whole outputs a draw from p, by induction over the siblings, PROVIDED x' is independent of
+everything decided so far. Hence:
+  * siblings are tried per beam, in beam order, not per deduplicated child: two independently
+    sampled beams may draw the same token at a node, and the second try still updates the
+    residual (merging them would skip exactly the draws equal to x, which biases the output).
+    For deterministic drafts (q a point mass) a repeated try is a no-op: after rejecting x,
+    p(x) = 0 and max(p - onehot(x), 0) = p. The rule then reads: accept x with p(x), else zero
+    p(x), renormalise and try the next distinct child.
+  * after accepting x at node u, the candidates at x are the beams through x not tried yet;
+    given everything verified so far their next tokens are fresh draws from q(. | path, x),
+    so the argument repeats at x against p(. | path, x). The last token is drawn from the
+    residual at the node where all tries were rejected, or (bonus) from p at the last accepted
+    node when no candidate is left: both are the target's conditional, so the emitted sequence
+    is distributed as the target's, one token at a time.
+draft_probs is the distribution each beam token was drawn from given its prefix, for beams
+sampled independently of each other. Beam-search (ReDrafter) or prompt-lookup drafts are
+deterministic: pass None, which is lossless whatever chose them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from paraserve.spec_decode.tree import PackedTrees
+
+
+@dataclass
+class VerifyOutput:
+    num_accepted: torch.Tensor  # [B] int64 draft tokens accepted, in 0..L
+    accepted_nodes: torch.Tensor  # [B, L] int64 accepted path, root excluded; 0 past num_accepted
+    # accepted drafts then the bonus/resampled token at [num_accepted]; 0 after it
+    output_token_ids: torch.Tensor  # [B, L + 1] int64
+    last_node: torch.Tensor  # [B] int64 deepest accepted node (0: the root, nothing accepted)
+
+
+def verify_greedy(target_logits: torch.Tensor, trees: PackedTrees) -> VerifyOutput:
+    """target_logits: [B, N, V] (row i predicts the token after node i), after any processing
+    that can change the argmax. Emits exactly what greedy decoding with these logits would."""
+    argmax = target_logits.argmax(-1)  # [B, N]; the same tie-break as Sampler's greedy path
+    ok = trees.node_tokens == argmax.gather(1, trees.node_parents)  # [B, N]
+    ok[:, 0] = True
+    real = trees.attn_mask.diagonal(dim1=1, dim2=2)  # [B, N]; False on padding nodes
+    # accepted = the node and all its ancestors match; siblings carry distinct tokens, so
+    # at most one child per node matches and the accepted nodes form one root path
+    accepted = real & ~(trees.attn_mask & ~ok.unsqueeze(1)).any(-1)  # [B, N]
+    last = torch.where(accepted, trees.node_depths, -1).argmax(-1)  # [B]
+    return _finish(trees, last, argmax.gather(1, last.unsqueeze(1)).squeeze(1))
+
+
+def verify_sampling(target_probs: torch.Tensor, trees: PackedTrees,
+                    draft_probs: Optional[torch.Tensor] = None,
+                    generators: Optional[dict[int, torch.Generator]] = None) -> VerifyOutput:
+    """target_probs: [B, N, V] float, the target's distribution after each node, after the
+    request's temperature/top-k/top-p (greedy rows may pass one_hot(argmax): the result is then
+    verify_greedy's). draft_probs: [B, W, L, V], or None when every row's drafts are
+    deterministic (a deterministic row in a batch that has draft_probs passes one_hot of its
+    draft tokens). generators: request row -> its own generator (seeded requests)."""
+    B, N, V = target_probs.shape
+    W, L = trees.unpack.shape[1:]
+    dev = target_probs.device
+    u = torch.rand(B, W, L, device=dev)  # acceptance coins
+    e = torch.empty(B, V, device=dev).exponential_()  # the final draw's exponential race
+    for i, g in (generators or {}).items():
+        # the row's own W x L coins, not the batch's padded ones: a seeded request consumes
+        # the same numbers whatever else is in its batch, so its tokens do not change
+        w, l = trees.beam_shapes[i]
+        u[i, :w, :l] = torch.rand(w, l, generator=g, device=dev)
+        e[i] = torch.empty(V, device=dev).exponential_(generator=g)
+
+    def at(t: torch.Tensor, node: torch.Tensor) -> torch.Tensor:  # [B, N, ...], [B] -> [B, ...]
+        return t.gather(1, node.reshape(B, 1, *([1] * (t.dim() - 2))).expand(B, 1, *t.shape[2:])
+                        ).squeeze(1)
+
+    cur = torch.zeros(B, dtype=torch.int64, device=dev)  # deepest accepted node so far
+    p = target_probs[:, 0].float()  # [B, V] what the next token must be drawn from
+    for w in range(W):
+        for l in range(L):
+            node = trees.unpack[:, w, l]  # [B]
+            tries = trees.unpack_valid[:, w, l] & (at(trees.node_parents, node) == cur)
+            x = at(trees.node_tokens, node).unsqueeze(1)  # [B, 1]
+            q = (torch.zeros_like(p).scatter_(1, x, 1.0) if draft_probs is None
+                 else draft_probs[:, w, l].float())  # [B, V]
+            accept = tries & _accept(u[:, w, l], p.gather(1, x).squeeze(1),
+                                     q.gather(1, x).squeeze(1))
+            reject = (tries & ~accept).unsqueeze(1)
+            cur = torch.where(accept, node, cur)
+            p = torch.where(accept.unsqueeze(1), at(target_probs, node).float(),
+                            torch.where(reject, _residual(p, q), p))
+    token = (p / e.clamp_(min=torch.finfo(e.dtype).tiny)).argmax(-1)  # a draw from p
+    return _finish(trees, cur, token)
+
+
+def _accept(u: torch.Tensor, px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:
+    """[B] each: accept with probability min(1, p(x)/q(x)), written without dividing by q."""
+    return u * qx < px
+
+
+def _residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """[B, V]: norm(max(p - q, 0)), the target given that the draft from q was rejected."""
+    r = (p - q).clamp_(min=0)
+    s = r.sum(-1, keepdim=True)  # [B, 1]
+    # s == 0 means p == q, where a rejection only happens by rounding: keep p
+    return torch.where(s > 0, r / s.clamp(min=torch.finfo(r.dtype).tiny), p)
+
+
+def _finish(trees: PackedTrees, last: torch.Tensor, token: torch.Tensor) -> VerifyOutput:
+    """Path from the root to `last` [B], plus the final token [B] emitted after it."""
+    B, N = trees.node_tokens.shape
+    L = trees.unpack.shape[2]
+    rows = torch.arange(B, device=last.device)
+    on_path = trees.attn_mask[rows, last] & (trees.node_depths > 0)  # [B, N]
+    slot = torch.where(on_path, trees.node_depths - 1, L)  # off-path nodes go to a spare column
+    ids = torch.arange(N, device=last.device).expand(B, N)
+    nodes = torch.zeros(B, L + 1, dtype=torch.int64, device=last.device)
+    nodes = nodes.scatter_(1, slot, ids)[:, :L]  # [B, L]
+    num = trees.node_depths[rows, last]  # [B]
+    pos = torch.arange(L + 1, device=last.device).unsqueeze(0)  # [1, L + 1]
+    tokens = torch.cat([trees.node_tokens.gather(1, nodes), token.new_zeros(B, 1)], 1)
+    tokens = torch.where(pos < num.unsqueeze(1), tokens, 0)  # [B, L + 1]
+    tokens = tokens.scatter_(1, num.unsqueeze(1), token.unsqueeze(1))
+    nodes = torch.where(pos[:, :L] < num.unsqueeze(1), nodes, 0)
+    return VerifyOutput(num, nodes, tokens, last)
