@@ -42,7 +42,10 @@ class AttentionBackend(abc.ABC):
         Writes k/v into the cache at meta.slot_mapping, then attends."""
 
 
-_BACKENDS = {"torch": "paraserve.attention.torch_ref:TorchAttentionBackend"}
+_BACKENDS = {
+    "torch": "paraserve.attention.torch_ref:TorchAttentionBackend",
+    "cpu": "paraserve.attention.cpu_paged:CpuPagedAttentionBackend",
+}
 
 
 def get_backend(name: str = "torch") -> AttentionBackend:
@@ -50,3 +53,13 @@ def get_backend(name: str = "torch") -> AttentionBackend:
         raise ValueError(f"unknown attention backend {name!r}; choose from {sorted(_BACKENDS)}")
     module, cls = _BACKENDS[name].split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def default_backend_name(device: torch.device) -> str:
+    """'cpu' (the compiled paged decode kernel) on a CPU where it builds, else 'torch'.
+    Builds the kernel on first call when it is not in torch's extension cache yet."""
+    if device.type == "cpu":
+        from paraserve.attention.cpu_paged import load_kernel
+        if load_kernel() is not None:
+            return "cpu"
+    return "torch"

@@ -25,12 +25,7 @@ class TorchAttentionBackend(AttentionBackend):
         v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode_reqs.numel():
-            slots, valid = self._decode_plan(meta, kv_cache.shape[2])
-            o = F.scaled_dot_product_attention(
-                q[meta.decode_tokens].unsqueeze(2),  # [Bd, H, 1, D]
-                k_flat[slots].transpose(1, 2), v_flat[slots].transpose(1, 2),  # [Bd, KVH, L, D]
-                attn_mask=valid, scale=scale, enable_gqa=True)
-            out[meta.decode_tokens] = o.squeeze(2)
+            out[meta.decode_tokens] = self._decode_attention(q[meta.decode_tokens], kv_cache, meta, scale)
         for i, (s, e, slots, mask) in zip(meta.other_reqs, self._extend_plan(meta, kv_cache.shape[2])):
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if slots is None:  # a fresh prompt: its keys are exactly the new ones
@@ -42,6 +37,18 @@ class TorchAttentionBackend(AttentionBackend):
                 attn_mask=mask, is_causal=slots is None, scale=scale, enable_gqa=True)
             out[s:e] = o.squeeze(0).transpose(0, 1)
         return out
+
+    def _decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+                          scale: float) -> torch.Tensor:
+        """The single-token causal requests, batched: q [Bd, H, D] -> [Bd, H, D]."""
+        kvh, d = kv_cache.shape[-2:]
+        slots, valid = self._decode_plan(meta, kv_cache.shape[2])
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [Bd, H, 1, D]
+            kv_cache[0].view(-1, kvh, d)[slots].transpose(1, 2),  # [Bd, KVH, L, D]
+            kv_cache[1].view(-1, kvh, d)[slots].transpose(1, 2),
+            attn_mask=valid, scale=scale, enable_gqa=True)
+        return o.squeeze(2)
 
     def _decode_plan(self, meta: AttentionMetadata, block_size: int):
         plan = meta.scratch.get("decode")

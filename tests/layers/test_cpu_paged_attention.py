@@ -1,0 +1,156 @@
+"""The compiled CPU paged decode kernel against naive attention over the logical sequence, and
+the "cpu" backend against the torch reference backend on mixed batches (decodes, prefill chunks,
+a tree). In the kernel tests, cache slots no request owns hold NaN, so reading past a sequence
+fails."""
+import logging
+
+import pytest
+import torch
+
+from paraserve.attention import cpu_paged
+from paraserve.attention.backend import AttentionMetadata, default_backend_name, get_backend
+
+BS = 16
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    module = cpu_paged.load_kernel()
+    if module is None:
+        pytest.skip("the CPU paged attention kernel cannot be compiled here (see the log warning)")
+    return module
+
+
+def scattered_cache(seq_lens, kvh, d, dtype, fill=float("nan"), spare_blocks=3):
+    """A cache [2, NB, BS, KVH, D] filled with `fill`, holding each sequence's random K/V in
+    randomly scattered blocks; returns it, the zero-padded block tables and the per-sequence K/V."""
+    nblocks = [-(-n // BS) for n in seq_lens]
+    num_blocks = sum(nblocks) + spare_blocks
+    cache = torch.full((2, num_blocks, BS, kvh, d), fill, dtype=dtype)
+    perm = torch.randperm(num_blocks)
+    tables = torch.zeros(len(seq_lens), max(max(nblocks), 1), dtype=torch.long)
+    kv, used = [], 0
+    for i, n in enumerate(seq_lens):
+        blocks = perm[used:used + nblocks[i]]
+        used += nblocks[i]
+        tables[i, :len(blocks)] = blocks
+        k, v = torch.randn(n, kvh, d).to(dtype), torch.randn(n, kvh, d).to(dtype)
+        slots = blocks[torch.arange(n) // BS] * BS + torch.arange(n) % BS
+        cache[0].view(-1, kvh, d)[slots] = k
+        cache[1].view(-1, kvh, d)[slots] = v
+        kv.append((k, v))
+    return cache, tables, kv
+
+
+def naive_decode(q, k, v, scale):
+    """q [H, D], k/v [L, KVH, D] -> [H, D], in float64."""
+    g = q.shape[0] // k.shape[1]
+    k, v = k.double().repeat_interleave(g, dim=1), v.double().repeat_interleave(g, dim=1)
+    p = (torch.einsum("hd,lhd->hl", q.double(), k) * scale).softmax(-1)
+    return torch.einsum("hl,lhd->hd", p, v)
+
+
+@pytest.mark.parametrize("dtype, seq_lens, h, kvh, d", [
+    (torch.float32, [300], 9, 3, 64),
+    (torch.float32, [1, 15, 16, 17, 300, 31, 32, 33, 64, 2, 129, 250, 5], 9, 3, 64),
+    (torch.bfloat16, [1, 15, 16, 17, 300, 31, 32, 33, 64, 2, 129, 250, 5], 9, 3, 64),
+    (torch.float32, [1, 15, 16, 17, 200, 31, 32, 33, 64, 2, 129, 250, 5], 8, 1, 80),  # MQA, runtime D
+    (torch.bfloat16, [17, 1, 100], 4, 2, 128),
+])
+def test_kernel_matches_naive_attention(kernel, dtype, seq_lens, h, kvh, d):
+    torch.manual_seed(0)
+    cache, tables, kv = scattered_cache(seq_lens, kvh, d, dtype)
+    q = torch.randn(len(seq_lens), h, d).to(dtype)
+    scale = d ** -0.5
+    out = cpu_paged.paged_decode_attention(q, cache[0], cache[1], tables, torch.tensor(seq_lens), scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    for i, (k, v) in enumerate(kv):
+        ref = naive_decode(q[i], k, v, scale).to(dtype)
+        torch.testing.assert_close(out[i], ref, **TOL[dtype], msg=lambda m: f"request {i}: {m}")
+
+
+def test_kernel_rejects_a_block_outside_the_cache(kernel):
+    cache, tables, _ = scattered_cache([20], 1, 16, torch.float32)
+    tables[0, 1] = cache.shape[1]
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu_paged.paged_decode_attention(torch.randn(1, 2, 16), cache[0], cache[1], tables, torch.tensor([20]), 1.0)
+
+
+def mixed_batch(computed, new, tree_masks, h, kvh, d, dtype):
+    """Each request has `computed` tokens in the cache and `new` ones in the batch; requests with
+    one new token and no tree are the decode group. -> q, k_new, v_new, cache, meta."""
+    torch.manual_seed(0)
+    # zero, not NaN: the reference's padded decode gather reads unowned slots (masked, but 0 * NaN)
+    cache, tables, kv = scattered_cache([c + n for c, n in zip(computed, new)], kvh, d, dtype, fill=0.0)
+    starts = [0]
+    for n in new:
+        starts.append(starts[-1] + n)
+    slot_mapping = torch.cat([t[torch.arange(c, c + n) // BS] * BS + torch.arange(c, c + n) % BS
+                              for t, c, n in zip(tables, computed, new)])
+    cache.view(2, -1, kvh, d)[:, slot_mapping] = 0  # the backend must write the new tokens
+    k_new = torch.cat([k[c:] for (k, _), c in zip(kv, computed)])
+    v_new = torch.cat([v[c:] for (_, v), c in zip(kv, computed)])
+    decode = [i for i, n in enumerate(new) if n == 1 and i not in tree_masks]
+    meta = AttentionMetadata(
+        num_reqs=len(new), positions=torch.zeros(starts[-1], dtype=torch.long), slot_mapping=slot_mapping,
+        block_tables=tables, query_start_loc=starts, seq_lens=[c + n for c, n in zip(computed, new)],
+        decode_reqs=torch.tensor(decode, dtype=torch.long),
+        decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long),
+        decode_seq_lens=torch.tensor([computed[i] + 1 for i in decode], dtype=torch.long),
+        other_reqs=[i for i in range(len(new)) if i not in decode], custom_masks=tree_masks or None)
+    return torch.randn(starts[-1], h, d).to(dtype), k_new, v_new, cache, meta
+
+
+TREE = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+# decodes at 1, 16, 17, 200 tokens; fresh prompts; prefill chunks; a tree after 21 tokens
+COMPUTED, NEW = [0, 15, 16, 40, 21, 0, 199, 33, 0], [9, 1, 1, 7, 4, 1, 1, 16, 5]
+
+
+def forward_both(dtype, h, kvh, d):
+    """The reference's and the "cpu" backend's outputs and caches for one mixed batch, the "cpu"
+    one run twice (a second layer reuses the step's scratch) -> (ref, ref_cache, outs, cache, meta)."""
+    q, k, v, cache, meta = mixed_batch(COMPUTED, NEW, {4: TREE}, h, kvh, d, dtype)
+    ref_cache, ref_meta = cache.clone(), AttentionMetadata(**{**vars(meta), "scratch": {}})
+    ref = get_backend("torch").forward(q, k, v, ref_cache, ref_meta, d ** -0.5)
+    backend = get_backend("cpu")
+    outs = [backend.forward(q, k, v, cache, meta, d ** -0.5) for _ in range(2)]
+    return ref, ref_cache, outs, cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backend_matches_reference_on_a_mixed_batch(kernel, dtype):
+    ref, ref_cache, outs, cache, meta = forward_both(dtype, 9, 3, 64)
+    assert "cpu_decode_tables" in meta.scratch, "the decode group did not go through the kernel"
+    for out in outs:
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(cache, ref_cache, atol=0, rtol=0)
+
+
+def test_backend_falls_back_for_a_head_dim_the_kernel_lacks(kernel):
+    ref, ref_cache, outs, cache, meta = forward_both(torch.float32, 4, 2, 6)  # not a multiple of 4
+    assert "cpu_decode_tables" not in meta.scratch
+    for out in outs:
+        torch.testing.assert_close(out, ref, atol=0, rtol=0)
+
+
+def test_default_backend_is_the_kernel_on_cpu(kernel):
+    assert default_backend_name(torch.device("cpu")) == "cpu"
+    assert default_backend_name(torch.device("cuda")) == "torch"
+
+
+def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++: command not found")
+
+    monkeypatch.setattr("torch.utils.cpp_extension.load", no_compiler)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # not caplog: the engine's log setup stops "paraserve" propagating
+    cpu_paged.logger.addHandler(handler)
+    try:
+        assert cpu_paged.load_kernel.__wrapped__() is None
+    finally:
+        cpu_paged.logger.removeHandler(handler)
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "using the torch reference" in warnings[0]
