@@ -35,11 +35,22 @@ class AttentionMetadata:
 class AttentionBackend(abc.ABC):
     name: str
 
-    @abc.abstractmethod
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q [T, H, D], k/v [T, KVH, D], kv_cache [2, num_blocks, block_size, KVH, D] -> [T, H, D].
         Writes k/v into the cache at meta.slot_mapping, then attends."""
+        self.write_kv(k, v, kv_cache, meta)
+        return self.attend(q, k, v, kv_cache, meta, scale)
+
+    @abc.abstractmethod
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        """Stores the step's new k/v [T, KVH, D] at meta.slot_mapping."""
+
+    @abc.abstractmethod
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """Attention of q over the cache, whose new k/v are already written -> [T, H, D]."""
 
 
 _BACKENDS = {
@@ -59,7 +70,7 @@ def default_backend_name(device: torch.device) -> str:
     """'cpu' (the compiled paged decode kernel) on a CPU where it builds, else 'torch'.
     Builds the kernel on first call when it is not in torch's extension cache yet."""
     if device.type == "cpu":
-        from paraserve.attention.cpu_paged import load_kernel
-        if load_kernel() is not None:
+        from paraserve.ops.cpu import kernels
+        if kernels() is not None:
             return "cpu"
     return "torch"

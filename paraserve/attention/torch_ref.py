@@ -16,13 +16,19 @@ from paraserve.attention.backend import AttentionBackend, AttentionMetadata
 class TorchAttentionBackend(AttentionBackend):
     name = "torch"
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def write_kv(self, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> None:
+        kvh, d = kv_cache.shape[-2:]
+        kv_cache[0].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, k)  # [num_slots, KVH, D]
+        kv_cache[1].view(-1, kvh, d).index_copy_(0, meta.slot_mapping, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if not meta.other_reqs:  # all decodes, in batch order: no scatter into `out` needed
+            return self._decode_attention(q, kv_cache, meta, scale)
         kvh, d = kv_cache.shape[-2:]
         k_flat = kv_cache[0].view(-1, kvh, d)  # [num_slots, KVH, D]
         v_flat = kv_cache[1].view(-1, kvh, d)
-        k_flat.index_copy_(0, meta.slot_mapping, k)
-        v_flat.index_copy_(0, meta.slot_mapping, v)
         out = torch.empty_like(q)
         if meta.decode_reqs.numel():
             out[meta.decode_tokens] = self._decode_attention(q[meta.decode_tokens], kv_cache, meta, scale)

@@ -13,6 +13,7 @@ from torch import nn
 
 from paraserve.distributed import comm
 from paraserve.distributed.parallel_state import get_tp_group
+from paraserve.ops import cpu
 
 
 def _divide(n: int, d: int, what: str) -> int:
@@ -31,6 +32,11 @@ def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: Optional[torch.Tensor],
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [M, K] @ weight.T (+ bias). A decode step's few rows stream the plain weight through the
+    small-M CPU kernel (memory-bound; oneDNN reads it at half the bandwidth); larger M uses the
+    packed weight (compute-bound, where oneDNN's blocked GEMM wins)."""
+    if x.dim() == 2 and x.shape[0] <= cpu.SMALL_M_MAX and cpu.applies(x, weight):
+        return cpu.kernels().small_m_linear(x, weight, bias)
     if packed is not None and x.dim() == 2:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, weight, bias)

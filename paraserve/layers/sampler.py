@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from paraserve.ops import cpu
 from paraserve.sampling_params import SamplingParams
 
 
@@ -159,7 +160,7 @@ class Sampler(torch.nn.Module):
     def forward(self, logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
         """logits: [B, V] any float dtype; it is not modified."""
         if meta.all_greedy and meta.no_logit_processing:
-            sampled = logits.argmax(-1)  # [B]
+            sampled = argmax(logits)  # [B]
         else:
             x = logits.to(torch.float32, copy=True)  # [B, V]; raw logits stay intact for logprobs
             sampled = self._select(process_logits(x, meta), meta)
@@ -172,10 +173,18 @@ class Sampler(torch.nn.Module):
     @staticmethod
     def _select(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
         if meta.all_greedy:
-            return x.argmax(-1)
-        greedy = None if meta.all_random else x.argmax(-1)  # [B]; before x is modified below
+            return argmax(x)
+        greedy = None if meta.all_random else argmax(x)  # [B]; before x is modified below
         sampled = _sample(x, meta)  # [B]
         return sampled if greedy is None else torch.where(meta.greedy_mask, greedy, sampled)
+
+
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """[B, V] -> [B]: the first maximum of each row, as torch.argmax; the CPU kernel runs rows in
+    parallel (torch's CPU argmax over a 49k vocabulary took ~5 ms for 64 rows, 5x the kernel)."""
+    if x.dim() == 2 and x.stride(1) == 1 and cpu.applies(x):
+        return cpu.kernels().argmax_rows(x)
+    return x.argmax(-1)
 
 
 def process_logits(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
@@ -233,7 +242,7 @@ def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator
         q[i].exponential_(generator=g)
     # an exact 0 draw would make 0/0 = NaN, which argmax ranks highest
     q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return probs.div_(q).argmax(-1)
+    return argmax(probs.div_(q))
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,

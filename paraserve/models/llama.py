@@ -12,6 +12,7 @@ from paraserve.distributed.parallel_state import get_tp_group
 from paraserve.layers.attention import Attention
 from paraserve.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from paraserve.layers.layernorm import RMSNorm
+from paraserve.layers.activation import silu_and_mul
 from paraserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from paraserve.layers.rotary import RotaryEmbedding
 
@@ -23,8 +24,7 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
 
 
 class SelfAttention(nn.Module):
@@ -54,8 +54,7 @@ class SelfAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn(q, k, v)  # [T, H, D]
+        o = self.attn(q, k, v, positions, self.rotary)  # [T, H, D]
         return self.o_proj(o.flatten(1))
 
 

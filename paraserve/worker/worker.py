@@ -10,7 +10,7 @@ from typing import Iterator
 
 import torch
 
-from paraserve.attention.backend import get_backend
+from paraserve.attention.backend import default_backend_name, get_backend
 from paraserve.config import ConfigError, EngineConfig, parse_bytes
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from paraserve.distributed import parallel_state
@@ -90,7 +90,7 @@ class Worker:
         t0 = time.monotonic()
         model_cls = get_model_class(hf_config)
         with _default_dtype(self.dtype), self.device:
-            model = model_cls(hf_config, get_backend("torch"), max_model_len)
+            model = model_cls(hf_config, get_backend(default_backend_name(self.device)), max_model_len)
         model.load_weights(iter_weights(source))
         for module in model.modules():  # kernel-specific weight layouts, once weights are final
             if hasattr(module, "process_weights_after_loading"):

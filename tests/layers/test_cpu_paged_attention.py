@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from paraserve.attention import cpu_paged
+from paraserve.ops import cpu
 from paraserve.attention.backend import AttentionMetadata, default_backend_name, get_backend
 
 BS = 16
@@ -16,7 +17,7 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2
 
 @pytest.fixture(scope="module")
 def kernel():
-    module = cpu_paged.load_kernel()
+    module = cpu.kernels()
     if module is None:
         pytest.skip("the CPU paged attention kernel cannot be compiled here (see the log warning)")
     return module
@@ -147,10 +148,10 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
     records = []
     handler = logging.Handler()
     handler.emit = records.append  # not caplog: the engine's log setup stops "paraserve" propagating
-    cpu_paged.logger.addHandler(handler)
+    cpu.logger.addHandler(handler)
     try:
-        assert cpu_paged.load_kernel.__wrapped__() is None
+        assert cpu.kernels.__wrapped__() is None
     finally:
-        cpu_paged.logger.removeHandler(handler)
+        cpu.logger.removeHandler(handler)
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "using the torch reference" in warnings[0]
+    assert len(warnings) == 1 and "using plain torch" in warnings[0]

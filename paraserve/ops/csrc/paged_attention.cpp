@@ -6,126 +6,17 @@
 // head (running max and sum, the accumulator rescaled when the max grows). The G = H / KVH query
 // heads sharing a KV head all use each tile of K/V rows while it sits in L1, so every row comes
 // from memory once.
-//
-// SIMD is written with gcc vector types one register wide (16 floats under AVX-512, 8 under AVX,
-// 4 under SSE or NEON; built with -march=native), with every shuffle derived from the lane count:
-// a fixed 16-lane type split over AVX2 registers ran 9x slower than on AVX-512.
-#include <torch/extension.h>
+#include "ops.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdint>
-#include <cstring>
 #include <limits>
-#include <utility>
 #include <vector>
 
+namespace paraserve {
 namespace {
-
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;  // floats per vec; also the tokens per softmax tile
-#elif defined(__AVX__)
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 4;
-#endif
-typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t vec_i32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
-typedef uint16_t vec_u16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
-using Lanes = std::make_index_sequence<kLanes>;
-
-inline vec splat(float x) { return vec{} + x; }
-
-template <size_t... J>
-inline vec_i32 lane_index(std::index_sequence<J...>) { return vec_i32{static_cast<int32_t>(J)...}; }
-
-inline vec load(const float* p) {
-  vec v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// bf16 is the top half of a float32: interleave with zeros, one permute (a widening convert
-// compiles to four instructions).
-template <size_t... J>
-inline vec widen_bf16(vec_u16 h, std::index_sequence<J...>) {
-  return reinterpret_cast<vec>(__builtin_shufflevector(vec_u16{}, h, (J % 2 ? kLanes + J / 2 : 0)...));
-}
-
-inline vec load(const at::BFloat16* p) {
-  vec_u16 h;
-  std::memcpy(&h, p, sizeof h);
-  return widen_bf16(h, std::make_index_sequence<2 * kLanes>{});
-}
-
-inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
-
-inline void store(at::BFloat16* p, vec v) {  // rounds to nearest even
-  for (int64_t j = 0; j < kLanes; ++j) p[j] = static_cast<at::BFloat16>(v[j]);
-}
-
-// e^x for x <= 0: Cephes expf (ln 2 range reduction, degree-6 polynomial, ~1 ulp); exactly 0
-// below -87, so -inf (a masked score, or the max before any token) gives 0.
-inline vec exp_nonpos(vec x) {
-  const vec xc = x < -87.0f ? splat(-87.0f) : x;
-  const vec n = (xc * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vec r = xc - n * 0.693359375f + n * 2.12194440e-4f;
-  vec p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const vec two_n = reinterpret_cast<vec>((__builtin_convertvector(n, vec_i32) + 127) << 23);
-  return x < -87.0f ? vec{} : p * two_n;
-}
-
-template <int64_t kShift, size_t... J>
-inline vec rotate(vec v, std::index_sequence<J...>) {
-  return __builtin_shufflevector(v, v, ((J + kShift) % kLanes)...);
-}
-
-// A halving tree over the lanes: log2(kLanes) dependent steps, not kLanes - 1.
-template <int64_t kShift = kLanes / 2, typename Op>
-inline float reduce(vec v, Op op) {
-  v = op(v, rotate<kShift>(v, Lanes{}));
-  if constexpr (kShift == 1) {
-    return v[0];
-  } else {
-    return reduce<kShift / 2>(v, op);
-  }
-}
-
-inline float hsum(vec v) {
-  return reduce(v, [](auto x, auto y) { return x + y; });
-}
-
-inline float hmax(vec v) {
-  return reduce(v, [](auto x, auto y) { return x > y ? x : y; });
-}
-
-// Half of a halving step: a and b hold rows of kW lanes; output lane j takes lane j % (kW / 2)
-// of the low (or high) half of row j / (kW / 2), counting a's rows then b's.
-template <int64_t kW, bool kHigh, size_t... J>
-inline vec halves(vec a, vec b, std::index_sequence<J...>) {
-  return __builtin_shufflevector(a, b, (J / (kW / 2) * kW + (kHigh ? kW / 2 : 0) + J % (kW / 2))...);
-}
-
-// Lane i of the result is the sum of d[i]'s lanes: a transpose-and-add in log2(kLanes) halving
-// steps (kLanes - 1 adds in all) instead of kLanes separate horizontal sums. Overwrites d.
-template <int64_t kW = kLanes>
-inline vec transpose_sum(vec* d) {
-  if constexpr (kW == 1) {
-    return d[0];
-  } else {
-    for (int64_t k = 0; k < kW / 2; ++k) {  // kW vecs of kLanes / kW rows -> kW / 2 vecs of twice the rows
-      d[k] = halves<kW, false>(d[2 * k], d[2 * k + 1], Lanes{}) + halves<kW, true>(d[2 * k], d[2 * k + 1], Lanes{});
-    }
-    return transpose_sum<kW / 2>(d);
-  }
-}
 
 // The problem as raw pointers and sizes; strides in elements.
 template <typename T>
@@ -283,8 +174,6 @@ void check_tables(const at::Tensor& tables, const at::Tensor& seq_lens, int64_t 
 
 }  // namespace
 
-// q [B, H, D], k/v_cache [num_blocks, block_size, KVH, D], block_tables [B, max_blocks] int64,
-// seq_lens [B] int64 -> [B, H, D]; float32 or bfloat16 (bf16 accumulates in float32).
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
                                   const at::Tensor& seq_lens_in, double scale) {
@@ -317,9 +206,4 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   return out;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out",
-        py::call_guard<py::gil_scoped_release>());
-  m.attr("HEAD_DIM_MULTIPLE") = kLanes;
-}
+}  // namespace paraserve

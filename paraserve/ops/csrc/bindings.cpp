@@ -1,0 +1,16 @@
+#include "ops.h"
+#include "vec.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace paraserve;
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "paged decode attention (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out", nogil);
+  m.def("small_m_linear", &small_m_linear, "x @ w.T (+ bias) for a few rows of x", nogil);
+  m.def("rms_norm", &rms_norm, "(x, residual or None, weight, eps) -> normed; residual += x in place", nogil);
+  m.def("rope_and_cache", &rope_and_cache,
+        "(q, k, v, positions, cos, sin, kv_cache, slot_mapping): rotary in place, k/v into the cache", nogil);
+  m.def("silu_and_mul", &silu_and_mul, "gate_up [T, 2I] -> silu(gate) * up", nogil);
+  m.def("argmax_rows", &argmax_rows, "first argmax of each row", nogil);
+  m.attr("HEAD_DIM_MULTIPLE") = kLanes;
+}

@@ -1,0 +1,38 @@
+// The CPU kernels bound in bindings.cpp. Every one checks its inputs and raises (TORCH_CHECK)
+// rather than reading out of bounds; the Python wrappers in paraserve/ops/cpu.py decide when
+// a kernel applies and fall back to plain torch otherwise.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+
+namespace paraserve {
+
+// q [B, H, D], k/v_cache [num_blocks, block_size, KVH, D], block_tables [B, max_blocks] int64,
+// seq_lens [B] int64 -> [B, H, D]; float32 or bfloat16 (bf16 accumulates in float32).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+
+// x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] for a few rows M: streams w once from memory.
+at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
+
+// With residual: residual += x in place, then returns rms_norm(residual) * weight; without,
+// returns rms_norm(x) * weight. x, residual [T, H]; weight [H]. Rounds as the torch reference.
+at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                    double eps);
+
+// Rotates q [T, H, D] and k [T, KVH, D] in place (neox halves, float32 cos/sin [max_pos, D / 2]
+// at positions [T]) and writes k and v [T, KVH, D] into kv_cache [2, num_blocks, block_size, KVH, D]
+// at slot_mapping [T].
+void rope_and_cache(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                    const at::Tensor& cos, const at::Tensor& sin, at::Tensor& kv_cache,
+                    const at::Tensor& slot_mapping);
+
+// gate_up [T, 2I] -> silu(gate) * up [T, I].
+at::Tensor silu_and_mul(const at::Tensor& gate_up);
+
+// Row-wise argmax of x [B, V] (first index of the maximum) -> [B] int64, rows in parallel.
+at::Tensor argmax_rows(const at::Tensor& x);
+
+}  // namespace paraserve

@@ -1,0 +1,116 @@
+"""The fused CPU kernels of paraserve/ops against the plain torch code they replace: each layer is
+run twice, once with the kernels and once with them switched off (cpu.applies -> False)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from paraserve.distributed import parallel_state
+from paraserve.layers import activation, layernorm, linear, rotary, sampler
+from paraserve.ops import cpu
+
+DTYPES = [torch.float32, torch.bfloat16]
+# float32 kernels round as torch does; reductions may sum in another order (a few ulps)
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=1e-2)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if cpu.kernels() is None:
+        pytest.skip("the CPU kernels cannot be compiled here (see the log warning)")
+
+
+def reference(monkeypatch, fn, *args):
+    """fn(*args) with the kernels switched off."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "applies", lambda *tensors: False)
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 960, False), (3, 577, 35, True), (8, 1536, 576, False),
+                                           (13, 64, 1000, True), (16, 40, 7, False)])
+def test_small_m_linear_matches_linear(dtype, m, k, n, bias):
+    torch.manual_seed(m * n)
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    b = torch.randn(n, dtype=dtype) if bias else None
+    got = cpu.kernels().small_m_linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    scale = ref.abs().max()
+    assert got.dtype == dtype and got.shape == (m, n)
+    # bf16: products are exact, the sum is float32, the result is rounded once (2^-8 relative)
+    assert ((got.double() - ref).abs().max() / scale) < (1e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_small_m_linear_reads_a_strided_x_and_rejects_mismatches():
+    x = torch.randn(4, 64)[:, :32]
+    w = torch.randn(10, 32)
+    torch.testing.assert_close(cpu.kernels().small_m_linear(x, w, None), F.linear(x, w))
+    with pytest.raises(RuntimeError, match="expected x"):
+        cpu.kernels().small_m_linear(torch.randn(2, 5), w, None)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_layer_uses_the_kernel_for_few_rows(monkeypatch, dtype):
+    parallel_state.init_single_process()
+    layer = linear.ReplicatedLinear(96, 80, bias=True).to(dtype)
+    torch.nn.init.normal_(layer.weight), torch.nn.init.normal_(layer.bias)
+    layer.process_weights_after_loading()
+    for rows in (1, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1):
+        x = torch.randn(rows, 96, dtype=dtype)
+        torch.testing.assert_close(layer(x), reference(monkeypatch, layer, x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 37])
+def test_rms_norm_matches_torch_and_adds_the_residual_in_place(monkeypatch, dtype, rows):
+    norm = layernorm.RMSNorm(64, eps=1e-5).to(dtype)
+    norm.weight.data = torch.randn(64, dtype=dtype)
+    x, residual = torch.randn(rows, 64, dtype=dtype), torch.randn(rows, 64, dtype=dtype)
+    ref_out, ref_res = reference(monkeypatch, norm, x, residual.clone())
+    res = residual.clone()
+    out, res_out = norm(x, res)
+    assert res_out is res, "the residual is updated in place"
+    torch.testing.assert_close(res, ref_res, atol=0, rtol=0)
+    torch.testing.assert_close(out, ref_out, **TOL[dtype])
+    torch.testing.assert_close(norm(x), reference(monkeypatch, norm, x), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_and_cache_matches_rotary_then_cache_write(dtype):
+    class Cfg:
+        rope_theta = 10000.0
+    rope = rotary.RotaryEmbedding(Cfg(), 32, 256)
+    t, h, kvh, d = 7, 4, 2, 32
+    qkv = torch.randn(t, (h + 2 * kvh) * d, dtype=dtype)  # q/k/v are strided views, as in the model
+    q, k, v = (x.view(t, -1, d) for x in qkv.split([h * d, kvh * d, kvh * d], dim=-1))
+    positions = torch.tensor([0, 5, 9, 100, 101, 255, 3])
+    slots = torch.tensor([3, 17, 8, 40, 41, 0, 63])
+    ref_q, ref_k = rope(positions, q.clone(), k.clone())
+    cache = torch.zeros(2, 4, 16, kvh, d, dtype=dtype)
+    cpu.kernels().rope_and_cache(q, k, v, positions, rope.cos, rope.sin, cache, slots)
+    torch.testing.assert_close(q, ref_q, atol=0, rtol=0)
+    torch.testing.assert_close(k, ref_k, atol=0, rtol=0)
+    flat = cache.view(2, -1, kvh, d)
+    torch.testing.assert_close(flat[0, slots], ref_k, atol=0, rtol=0)
+    torch.testing.assert_close(flat[1, slots], v, atol=0, rtol=0)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        cpu.kernels().rope_and_cache(q, k, v, positions, rope.cos, rope.sin, cache, slots + 64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_and_mul_matches_torch(monkeypatch, dtype):
+    gate_up = torch.randn(5, 2 * 75, dtype=dtype) * 8  # 75: a tail past the SIMD width
+    gate_up[0, :4] = torch.tensor([-100.0, 100.0, 0.0, -0.0])
+    torch.testing.assert_close(activation.silu_and_mul(gate_up),
+                               reference(monkeypatch, activation.silu_and_mul, gate_up), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_argmax_takes_the_first_maximum_and_ranks_nan_highest(dtype):
+    x = torch.randn(6, 1000, dtype=dtype)
+    x[1, 10] = x[1, 20] = 50.0  # a tie: the first wins
+    x[2, 999] = 60.0
+    x[3, 500] = float("nan")
+    x[4] = 0.0
+    torch.testing.assert_close(sampler.argmax(x), x.argmax(-1), atol=0, rtol=0)
+    assert sampler.argmax(x)[1] == 10 and sampler.argmax(x)[3] == 500 and sampler.argmax(x)[4] == 0
