@@ -107,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     from paraserve.bench import add_parser as add_bench_parser
 
     add_bench_parser(sub)
+    from paraserve.spec_decode.train_drafter import add_args as add_train_drafter_args
+
+    train = sub.add_parser("train-drafter", help="distil a ReDrafter drafter from the model's own answers")
+    add_engine_args(train, positional_model=False)
+    add_train_drafter_args(train)
     return parser
 
 
@@ -129,6 +134,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             from paraserve.bench import main as run_bench
 
             return run_bench(args)
+        if args.command == "train-drafter":
+            from paraserve.spec_decode.train_drafter import run as run_train_drafter
+
+            return run_train_drafter(args, engine_kwargs(args))
     except KeyboardInterrupt:
         return 130
     except Exception as e:
