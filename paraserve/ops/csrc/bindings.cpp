@@ -1,3 +1,5 @@
+#include <torch/extension.h>
+
 #include "ops.h"
 #include "vec.h"
 

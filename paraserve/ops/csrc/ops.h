@@ -3,7 +3,7 @@
 // a kernel applies and fall back to plain torch otherwise.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <optional>
 

@@ -30,19 +30,19 @@ struct Gemm {
 // The rows per tile for a pass of M inputs: M * R float accumulators must stay in registers.
 constexpr int64_t rows_per_tile(int64_t m) { return m <= 2 ? 8 : (m <= 4 ? 4 : 2); }
 
-inline void prefetch_rows(const void* p, int64_t bytes) {
-  const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
-}
-
-// acc[m * R + r] = x[m] . w[r] over K, float32 accumulation; generic over float and bf16.
+// acc[m * R + r] = x[m] . w[r] over K, float32 accumulation; generic over float and bf16. `ahead`
+// points at the rows a few tiles on: prefetching them a line per step, interleaved with the
+// loads, kept more loads in flight than prefetching a whole tile at once (~20% faster).
 template <int64_t M, int64_t R, typename T>
-void tile_dot(const T* x, int64_t ldx, const T* w, int64_t K, float* acc) {
+void tile_dot(const T* x, int64_t ldx, const T* w, const T* ahead, int64_t K, float* acc) {
   vec a[M * R] = {};
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     vec wv[R];
-    for (int64_t r = 0; r < R; ++r) wv[r] = load(w + r * K + k);
+    for (int64_t r = 0; r < R; ++r) {
+      __builtin_prefetch(ahead + r * K + k, 0, 3);
+      wv[r] = load(w + r * K + k);
+    }
     for (int64_t m = 0; m < M; ++m) {
       const vec xv = load(x + m * ldx + k);
       for (int64_t r = 0; r < R; ++r) a[m * R + r] += xv * wv[r];
@@ -57,21 +57,30 @@ void tile_dot(const T* x, int64_t ldx, const T* w, int64_t K, float* acc) {
 }
 
 #if defined(__AVX512BF16__)
-// bf16 pairs multiplied exactly and summed in float32 by vdpbf16ps, 32 elements per instruction;
-// the K tail is a masked load (zeros contribute nothing).
+// bf16 pairs multiplied exactly and summed in float32 by vdpbf16ps, 32 elements (one cache line)
+// per step; the K tail is a masked load (zeros contribute nothing).
 template <int64_t M, int64_t R>
-void tile_dot(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, float* acc) {
+inline void dot_step(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, int64_t K, int64_t k,
+                     __mmask32 mask, __m512* a) {
+  __m512bh wv[R];
+  for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
+  for (int64_t m = 0; m < M; ++m) {
+    const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
+    for (int64_t r = 0; r < R; ++r) a[m * R + r] = _mm512_dpbf16_ps(a[m * R + r], xv, wv[r]);
+  }
+}
+
+template <int64_t M, int64_t R>
+void tile_dot(const at::BFloat16* x, int64_t ldx, const at::BFloat16* w, const at::BFloat16* ahead, int64_t K,
+              float* acc) {
   __m512 a[M * R];
   for (int64_t i = 0; i < M * R; ++i) a[i] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask32 mask = K - k >= 32 ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
-    __m512bh wv[R];
-    for (int64_t r = 0; r < R; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k);
-    for (int64_t m = 0; m < M; ++m) {
-      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * ldx + k);
-      for (int64_t r = 0; r < R; ++r) a[m * R + r] = _mm512_dpbf16_ps(a[m * R + r], xv, wv[r]);
-    }
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    for (int64_t r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(ahead + r * K + k), _MM_HINT_T0);
+    dot_step<M, R>(x, ldx, w, K, k, ~__mmask32{0}, a);
   }
+  if (k < K) dot_step<M, R>(x, ldx, w, K, k, (__mmask32{1} << (K - k)) - 1, a);
   for (int64_t i = 0; i < M * R; ++i) acc[i] = _mm512_reduce_add_ps(a[i]);
 }
 #endif
@@ -92,12 +101,11 @@ void pass(const Gemm& g, const T* x, const T* w, const T* bias, T* out, int64_t 
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
     const int64_t ahead = std::min(n + kPrefetchTiles * R, n1 - R);
-    prefetch_rows(w + ahead * g.k, R * g.k * static_cast<int64_t>(sizeof(T)));
-    tile_dot<M, R>(x, g.ldx, w + n * g.k, g.k, acc);
+    tile_dot<M, R>(x, g.ldx, w + n * g.k, w + ahead * g.k, g.k, acc);
     emit(n, R, R);
   }
   for (; n < n1; ++n) {
-    tile_dot<M, 1>(x, g.ldx, w + n * g.k, g.k, acc);
+    tile_dot<M, 1>(x, g.ldx, w + n * g.k, w + n * g.k, g.k, acc);
     emit(n, 1, 1);
   }
 }

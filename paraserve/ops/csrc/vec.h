@@ -4,7 +4,7 @@
 // than on AVX-512.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <cstring>
