@@ -1,4 +1,5 @@
-"""Vocab-parallel embedding and LM head: each TP rank holds a slice of the vocabulary."""
+"""Vocab-parallel embedding and LM head: each TP rank holds a slice of the vocabulary
+(ceil(vocab / tp) rows, zero-padded on the last rank)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -10,6 +11,7 @@ from torch import nn
 from paraserve.distributed import comm
 from paraserve.distributed.parallel_state import get_tp_group
 from paraserve.layers.linear import pack_weight, packed_linear
+from paraserve.layers.weight_utils import Loaded, narrow
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -22,10 +24,12 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.zeros(self.shard, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader  # type: ignore[attr-defined]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
-        part = loaded[self.start:self.start + self.shard]
-        param.data[:part.shape[0]].copy_(part)
+        # the last rank's slice may be short (or empty); its padding rows stay zero
+        rows = max(0, min(self.shard, self.vocab_size - self.start))
+        if rows:
+            param.data[:rows].copy_(narrow(loaded, 0, self.start, rows))
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         if self.tp.size == 1:

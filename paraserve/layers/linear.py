@@ -11,15 +11,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from paraserve.config import ConfigError
 from paraserve.distributed import comm
 from paraserve.distributed.parallel_state import get_tp_group
+from paraserve.layers.weight_utils import Loaded, materialize, narrow
 from paraserve.ops import cpu
 
 
 def _divide(n: int, d: int, what: str) -> int:
     if n % d:
-        raise ValueError(f"{what} ({n}) is not divisible by the tensor parallel size ({d})")
+        raise ConfigError(f"{what} ({n}) is not divisible by the tensor parallel size ({d})")
     return n // d
+
+
+def split_heads(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int, int]:
+    """(query heads, KV heads, KV replicas) per TP rank. KV heads are split when tp divides
+    them and replicated when tp is a multiple of them (each rank keeps one)."""
+    kv_ok = num_kv_heads % tp == 0 or tp % num_kv_heads == 0
+    if num_heads % tp or not kv_ok:
+        valid = [d for d in range(1, num_heads + 1)
+                 if num_heads % d == 0 and (num_kv_heads % d == 0 or d % num_kv_heads == 0)]
+        raise ConfigError(f"tensor parallel size {tp} does not fit the model's {num_heads} attention "
+                          f"heads and {num_kv_heads} KV heads; use one of {valid}")
+    if num_kv_heads >= tp:
+        return num_heads // tp, num_kv_heads // tp, 1
+    return num_heads // tp, 1, tp // num_kv_heads
 
 
 def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
@@ -63,9 +79,9 @@ class LinearBase(nn.Module):
     def _matmul(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return packed_linear(x, self.weight, getattr(self, "packed", None), bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
-        param.data.copy_(loaded)
+        param.data.copy_(materialize(loaded))
 
 
 class ReplicatedLinear(LinearBase):
@@ -84,25 +100,28 @@ class ColumnParallelLinear(LinearBase):
         y = self._matmul(x, self.bias)
         return comm.all_gather_last_dim(y, self.tp) if self.gather_output else y
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
         n = param.shape[0]
-        param.data.copy_(loaded.narrow(0, self.tp.rank * n, n))
+        param.data.copy_(narrow(loaded, 0, self.tp.rank * n, n))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Several column-parallel outputs in one matmul (gate and up projections)."""
 
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False) -> None:
+        tp = get_tp_group().size
+        self.output_sizes = [_divide(s, tp, "output features") for s in output_sizes]
         super().__init__(in_features, sum(output_sizes), bias)
-        self.output_sizes = [s // self.tp.size for s in output_sizes]
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
-        assert isinstance(shard_id, int)
+        if not isinstance(shard_id, int):
+            raise ValueError(f"{type(self).__name__} loads one output at a time; shard_id must "
+                             f"be its index, got {shard_id!r}")
         size = self.output_sizes[shard_id]
         offset = sum(self.output_sizes[:shard_id])
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        param.data.narrow(0, offset, size).copy_(narrow(loaded, 0, self.tp.rank * size, size))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -111,27 +130,23 @@ class QKVParallelLinear(ColumnParallelLinear):
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int,
                  bias: bool = False) -> None:
         tp = get_tp_group().size
-        self.num_heads = _divide(num_heads, tp, "attention heads")
-        if num_kv_heads >= tp:
-            self.num_kv_heads = _divide(num_kv_heads, tp, "KV heads")
-            self.kv_replicas = 1
-        else:
-            self.kv_replicas = _divide(tp, num_kv_heads, "KV heads")
-            self.num_kv_heads = 1
+        self.num_heads, self.num_kv_heads, self.kv_replicas = split_heads(num_heads, num_kv_heads, tp)
         self.head_dim = head_dim
         out = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
         super().__init__(hidden_size, out, bias)
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         if shard_id == "q":
             offset, size, rank = 0, q_size, self.tp.rank
-        else:
+        elif shard_id in ("k", "v"):
             offset = q_size if shard_id == "k" else q_size + kv_size
-            size, rank = kv_size, self.tp.rank // self.kv_replicas
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, rank * size, size))
+            size, rank = kv_size, self.tp.rank // self.kv_replicas  # replicas share a KV head
+        else:
+            raise ValueError(f"QKVParallelLinear shard_id must be 'q', 'k' or 'v', got {shard_id!r}")
+        param.data.narrow(0, offset, size).copy_(narrow(loaded, 0, rank * size, size))
 
 
 class RowParallelLinear(LinearBase):
@@ -144,10 +159,10 @@ class RowParallelLinear(LinearBase):
         y = comm.all_reduce(y, self.tp)
         return y + self.bias if self.bias is not None else y
 
-    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor,
+    def weight_loader(self, param: nn.Parameter, loaded: Loaded,
                       shard_id: Optional[object] = None) -> None:
         if param.dim() == 1:  # bias: added once, after the all-reduce
-            param.data.copy_(loaded)
+            param.data.copy_(materialize(loaded))
             return
         n = param.shape[1]
-        param.data.copy_(loaded.narrow(1, self.tp.rank * n, n))
+        param.data.copy_(narrow(loaded, 1, self.tp.rank * n, n))

@@ -15,6 +15,7 @@ from paraserve.layers.layernorm import RMSNorm
 from paraserve.layers.activation import silu_and_mul
 from paraserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from paraserve.layers.rotary import RotaryEmbedding
+from paraserve.layers.weight_utils import materialize
 
 
 class MLP(nn.Module):
@@ -138,8 +139,11 @@ class LlamaForCausalLM(nn.Module):
             if ours not in params:
                 raise ValueError(f"checkpoint tensor {name!r} has no place in {type(self).__name__}")
             param = params[ours]
-            param.weight_loader(param, tensor.to(param.dtype), shard) if hasattr(param, "weight_loader") \
-                else param.data.copy_(tensor)
+            # loaders read only their shard (of a lazy safetensors slice too); copy_ casts the dtype
+            if hasattr(param, "weight_loader"):
+                param.weight_loader(param, tensor, shard)
+            else:
+                param.data.copy_(materialize(tensor))
             loaded.add(ours)
         missing = {n for n in params if n not in loaded}
         if self.tie_word_embeddings:

@@ -143,8 +143,13 @@ def load_tokenizer(src: ModelSource) -> PreTrainedTokenizerBase:
     return tok
 
 
-def iter_weights(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF parameter name, tensor) one at a time, so peak memory is one tensor."""
+def iter_weights(src: ModelSource, lazy: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF parameter name, tensor) one at a time, so peak memory is one tensor.
+
+    lazy=True (for model.load_weights under tensor/expert parallelism): safetensors entries come
+    as lazy slices, so each rank reads only its shard's bytes; each is valid only until the next
+    one is requested. GGUF tensors are always dequantized whole, then sliced by the loaders.
+    """
     if src.kind == "gguf":
         from paraserve.models.gguf_loader import iter_gguf_weights
 
@@ -159,7 +164,7 @@ def iter_weights(src: ModelSource) -> Iterator[tuple[str, torch.Tensor]]:
             raise ModelLoadError(f"cannot read weights file {file}: {_first_line(e)}") from e
         with handle as f:
             for key in f.keys():
-                yield key, f.get_tensor(key)
+                yield key, (f.get_slice(key) if lazy else f.get_tensor(key))
 
 
 def _safetensors_files(model_dir: str) -> list[str]:
