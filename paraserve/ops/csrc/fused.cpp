@@ -24,19 +24,27 @@ inline T round_to(float v) { return static_cast<T>(v); }
 template <typename T>
 void rms_norm_rows(const T* x, int64_t x_stride, T* res, int64_t res_stride, const T* w, T* out, int64_t rows,
                    int64_t h, float eps) {
+  const T* tag = nullptr;  // selects round_as for T
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * x_stride;
-      T* src = const_cast<T*>(xr);
+      const T* src = xr;
       if (res != nullptr) {  // residual += x, rounded to T as `x + residual` is
-        src = res + r * res_stride;
-        for (int64_t i = 0; i < h; ++i) src[i] = round_to<T>(f32(xr[i]) + f32(src[i]));
+        T* rr = res + r * res_stride;
+        int64_t i = 0;
+        for (; i + kLanes <= h; i += kLanes) store(rr + i, load(xr + i) + load(rr + i));
+        for (; i < h; ++i) rr[i] = round_to<T>(f32(xr[i]) + f32(rr[i]));
+        src = rr;
       }
-      float ss = 0.0f;
-      for (int64_t i = 0; i < h; ++i) ss += f32(src[i]) * f32(src[i]);
+      vec ssv = {};
+      int64_t i = 0;
+      for (; i + kLanes <= h; i += kLanes) ssv += load(src + i) * load(src + i);
+      float ss = hsum(ssv);
+      for (; i < h; ++i) ss += f32(src[i]) * f32(src[i]);
       const float inv = 1.0f / std::sqrt(ss / static_cast<float>(h) + eps);
       T* o = out + r * h;
-      for (int64_t i = 0; i < h; ++i) o[i] = round_to<T>(f32(w[i]) * f32(round_to<T>(f32(src[i]) * inv)));
+      for (i = 0; i + kLanes <= h; i += kLanes) store(o + i, load(w + i) * round_as(tag, load(src + i) * inv));
+      for (; i < h; ++i) o[i] = round_to<T>(f32(w[i]) * f32(round_to<T>(f32(src[i]) * inv)));
     }
   });
 }
@@ -44,7 +52,13 @@ void rms_norm_rows(const T* x, int64_t x_stride, T* res, int64_t res_stride, con
 // One head of D values at p, neox layout: the halves [0, D/2) and [D/2, D) rotate as pairs.
 template <typename T>
 inline void rotate(T* p, const float* c, const float* s, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
+  int64_t i = 0;
+  for (; i + kLanes <= half; i += kLanes) {
+    const vec x1 = load(p + i), x2 = load(p + i + half), cv = load(c + i), sv = load(s + i);
+    store(p + i, x1 * cv - x2 * sv);
+    store(p + i + half, x2 * cv + x1 * sv);
+  }
+  for (; i < half; ++i) {
     const float x1 = f32(p[i]), x2 = f32(p[i + half]);
     p[i] = round_to<T>(x1 * c[i] - x2 * s[i]);
     p[i + half] = round_to<T>(x2 * c[i] + x1 * s[i]);
@@ -84,24 +98,22 @@ inline vec silu(vec g) {
   return g < 0.0f ? g * e / (1.0f + e) : g / (1.0f + e);
 }
 
+inline float silu(float x) {
+  const float e = std::exp(x < 0.0f ? x : -x);
+  return x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
+}
+
 template <typename T>
 void silu_mul_rows(const T* gu, int64_t stride, T* out, int64_t rows, int64_t inter) {
+  const T* tag = nullptr;
   at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
-    alignas(64) float buf[kLanes];
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = gu + r * stride;
       const T* u = g + inter;
       T* o = out + r * inter;
       int64_t i = 0;
-      for (; i + kLanes <= inter; i += kLanes) {
-        store(buf, silu(load(g + i)));
-        for (int64_t j = 0; j < kLanes; ++j) o[i + j] = round_to<T>(f32(round_to<T>(buf[j])) * f32(u[i + j]));
-      }
-      for (; i < inter; ++i) {
-        const float x = f32(g[i]);
-        const float sx = x < 0.0f ? x * std::exp(x) / (1.0f + std::exp(x)) : x / (1.0f + std::exp(-x));
-        o[i] = round_to<T>(f32(round_to<T>(sx)) * f32(u[i]));
-      }
+      for (; i + kLanes <= inter; i += kLanes) store(o + i, round_as(tag, silu(load(g + i))) * load(u + i));
+      for (; i < inter; ++i) o[i] = round_to<T>(f32(round_to<T>(silu(f32(g[i])))) * f32(u[i]));
     }
   });
 }

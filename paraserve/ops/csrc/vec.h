@@ -22,6 +22,7 @@ constexpr int64_t kLanes = 4;
 typedef float vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vec_i32 __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint16_t vec_u16 __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+typedef uint32_t vec_u32 __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 using Lanes = std::make_index_sequence<kLanes>;
 
 inline vec splat(float x) { return vec{} + x; }
@@ -50,9 +51,22 @@ inline vec load(const at::BFloat16* p) {
 
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
-inline void store(at::BFloat16* p, vec v) {  // rounds to nearest even
-  for (int64_t j = 0; j < kLanes; ++j) p[j] = static_cast<at::BFloat16>(v[j]);
+// float32 -> bf16 bits, rounding to nearest even with NaN kept quiet: c10's rule, lane-wise.
+inline vec_u16 bf16_bits(vec v) {
+  const vec_u32 bits = reinterpret_cast<vec_u32>(v);
+  vec_u32 r = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  r = v != v ? vec_u32{} + 0x7FC0u : r;
+  return __builtin_convertvector(r, vec_u16);
 }
+
+inline void store(at::BFloat16* p, vec v) {
+  const vec_u16 h = bf16_bits(v);
+  std::memcpy(p, &h, sizeof h);
+}
+
+// v rounded to T's precision and back: what storing to T and loading again gives.
+inline vec round_as(const float*, vec v) { return v; }
+inline vec round_as(const at::BFloat16*, vec v) { return widen_bf16(bf16_bits(v), std::make_index_sequence<2 * kLanes>{}); }
 
 // e^x for x <= 0: Cephes expf (ln 2 range reduction, degree-6 polynomial, ~1 ulp); exactly 0
 // below -87, so -inf (a masked score, or the max before any token) gives 0.
