@@ -85,6 +85,108 @@ class ServerConfig:
     graceful_timeout: float = 30.0  # seconds running requests get to finish on SIGTERM
 
 
+# Speculation is switched off for a step when more requests than this are running (vLLM's
+# disable_by_batch_size). A verification adds the tree's nodes to every request's rows: at batch
+# 1 decode is bound by reading the weights and the extra rows are nearly free, but once the batch
+# alone keeps the matrix units busy they cost as much as they save. NOT MEASURED YET: a guess to
+# be replaced by the issue-5 benchmark (speedup at batch 1, 8 and 32 on this CPU).
+DEFAULT_SPEC_MAX_RUNNING = 8
+
+SPEC_METHODS = ("redrafter", "ngram")
+_SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path"),
+              "ngram": ("prompt_lookup_min", "prompt_lookup_max")}
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding, given as JSON (`--speculative-config`) or a dict (`LLM(...,
+    speculative_config={...})`). Options of the other method are an error, not ignored; the
+    unset ones of this method get their defaults in __post_init__."""
+    method: str  # "redrafter" | "ngram"
+    # ngram: tokens per draft (default 4); redrafter: the beam length (vLLM's name for it)
+    num_speculative_tokens: Optional[int] = None
+    beam_width: Optional[int] = None  # redrafter: beams per request (default 4)
+    beam_length: Optional[int] = None  # redrafter: tokens per beam (default 4)
+    # redrafter: a directory written by `paraserve train-drafter`; default: the drafter shipped
+    # for the model in paraserve/spec_decode/drafters/<model name>/
+    drafter_path: Optional[str] = None
+    prompt_lookup_min: Optional[int] = None  # ngram: shortest suffix matched (default 1)
+    prompt_lookup_max: Optional[int] = None  # ngram: longest suffix matched (default 3)
+    disable_by_batch_size: int = DEFAULT_SPEC_MAX_RUNNING  # see DEFAULT_SPEC_MAX_RUNNING
+
+    def __post_init__(self) -> None:
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"speculative-config: unknown method {self.method!r}; choose from "
+                              f"{', '.join(SPEC_METHODS)}")
+        for name in ("num_speculative_tokens", "beam_width", "beam_length", "prompt_lookup_min",
+                     "prompt_lookup_max", "disable_by_batch_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"speculative-config: {name} must be an integer >= 1, got {value!r}")
+        if self.drafter_path is not None and not isinstance(self.drafter_path, str):
+            raise ConfigError(f"speculative-config: drafter_path must be a string, got {self.drafter_path!r}")
+        other = [n for m, names in _SPEC_ONLY.items() if m != self.method for n in names
+                 if getattr(self, n) is not None]
+        if other:
+            own = ["num_speculative_tokens", *_SPEC_ONLY[self.method], "disable_by_batch_size"]
+            raise ConfigError(f"speculative-config: {', '.join(other)} is not an option of method "
+                              f"{self.method!r} (its options: {', '.join(own)})")
+        k = self.num_speculative_tokens
+        if self.method == "redrafter":
+            if k is not None and self.beam_length is not None and k != self.beam_length:
+                raise ConfigError(f"speculative-config: num_speculative_tokens ({k}) and beam_length "
+                                  f"({self.beam_length}) disagree; give one of them")
+            length = self.beam_length or k or 4
+            self._set(beam_width=self.beam_width or 4, beam_length=length, num_speculative_tokens=length)
+        else:
+            lo = self.prompt_lookup_min or 1
+            hi = self.prompt_lookup_max or max(3, lo)
+            if lo > hi:
+                raise ConfigError(f"speculative-config: prompt_lookup_min ({lo}) exceeds "
+                                  f"prompt_lookup_max ({hi})")
+            self._set(num_speculative_tokens=k or 4, prompt_lookup_min=lo, prompt_lookup_max=hi)
+
+    def _set(self, **values: Any) -> None:
+        for name, value in values.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def parse(cls, value: Any) -> Optional["SpecConfig"]:
+        """None, a SpecConfig, a dict or a JSON object string -> a SpecConfig (None: off)."""
+        if value is None or isinstance(value, SpecConfig):
+            return value
+        if isinstance(value, str):
+            import json
+
+            if not value.strip():
+                return None
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--speculative-config is not valid JSON ({e.msg} at character "
+                                  f"{e.pos}): give an object such as '{{\"method\": \"ngram\"}}'") from None
+        if not isinstance(value, dict):
+            raise ConfigError("speculative-config must be a JSON object such as '{\"method\": \"ngram\"}', "
+                              f"got {type(value).__name__}")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ConfigError(f"speculative-config: unknown key(s) {', '.join(map(repr, unknown))}; "
+                              f"known keys: {', '.join(known)}")
+        if "method" not in value:
+            raise ConfigError(f"speculative-config needs a \"method\": one of {', '.join(SPEC_METHODS)}")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
+class _SpecArg:
+    """The engine argument that carries a SpecConfig (as JSON on the command line)."""
+    speculative_config: Optional[str] = _f(
+        None, "speculative decoding, a JSON object: {\"method\": \"ngram\" | \"redrafter\", "
+              "\"num_speculative_tokens\", \"beam_width\", \"beam_length\", \"drafter_path\", "
+              "\"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\"} (default: off)")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -92,33 +194,42 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
+    speculative: Optional[SpecConfig] = None  # engine argument `speculative_config`
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":
-        """Build from flat vLLM-style engine args (dtype=..., max_num_seqs=...)."""
+        """Build from flat vLLM-style engine args (dtype=..., max_num_seqs=...,
+        speculative_config={...} or its JSON)."""
+        spec = SpecConfig.parse(kwargs.pop("speculative_config", None))
         parts = {}
-        for part in dataclasses.fields(cls):
+        for part in _part_fields():
             sub_cls = part.default_factory  # type: ignore[misc]
             names = {f.name for f in dataclasses.fields(sub_cls)}
             parts[part.name] = sub_cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         if kwargs:
             raise ConfigError(f"unknown engine argument(s): {', '.join(sorted(kwargs))}")
-        return cls(**parts)
+        return cls(**parts, speculative=spec)
 
     def replace(self, **kwargs: Any) -> "EngineConfig":
         flat = {f.name: getattr(sub, f.name) for sub in self.parts() for f in dataclasses.fields(sub)}
+        flat["speculative_config"] = self.speculative
         flat.update(kwargs)
         return EngineConfig.from_kwargs(**flat)
 
     def parts(self) -> list[Any]:
-        return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        return [getattr(self, f.name) for f in _part_fields()]
+
+
+def _part_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(EngineConfig) if f.default_factory is not dataclasses.MISSING]
 
 
 def engine_fields() -> list[dataclasses.Field]:
     """Every flat engine argument, in order, for the CLI."""
     out = []
-    for part in dataclasses.fields(EngineConfig):
+    for part in _part_fields():
         out.extend(dataclasses.fields(part.default_factory))  # type: ignore[arg-type]
+    out.extend(dataclasses.fields(_SpecArg))
     return out
 
 

@@ -29,6 +29,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0  # lower runs first (vLLM's convention)
+    # False: never draft for this request, even when the engine speculates. Speculation also
+    # skips, by itself, requests with repetition/frequency/presence penalties (they depend on
+    # each draft path's own tokens) and requests still below min_tokens.
+    speculative: bool = True
     # set by the engine, not the user
     eos_token_id: Optional[int] = field(default=None, repr=False)
 

@@ -86,6 +86,15 @@ class KVCacheManager:
             if block.block_hash is None:
                 self.pool.cache(block, h)
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Release the blocks past the first num_tokens tokens: the slots of rejected drafts.
+        They hold no verified token, so none of them is in the prefix cache."""
+        blocks = self.req_blocks.get(request.req_id, [])
+        keep = self.blocks_needed(num_tokens)
+        if len(blocks) > keep:
+            self.pool.free(list(reversed(blocks[keep:])))
+            del blocks[keep:]
+
     def free(self, request: Request) -> None:
         blocks = self.req_blocks.pop(request.req_id, [])
         self.pool.free(list(reversed(blocks)))

@@ -35,6 +35,11 @@ class SchedulerOutput:
     total_num_scheduled_tokens: int
     finished_req_ids: set[str]  # runner drops their state
     preempted_req_ids: set[str] = field(default_factory=set)
+    # req_id -> draft tokens verified this step: the first 1 + k nodes of the tree the runner
+    # proposed last step (its scheduled tokens are those 1 + k); absent: no drafts, and the
+    # runner drops any it holds for the request
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
+    propose_drafts: bool = False  # speculation is on: propose drafts for the next step
 
     @property
     def is_empty(self) -> bool:
@@ -49,8 +54,11 @@ TopLogprobs = tuple[list[int], list[float], int]
 
 @dataclass
 class ModelRunnerOutput:
-    # req_id -> tokens sampled this step (empty when the step was a non-final prefill chunk)
+    # req_id -> tokens sampled this step (empty when the step was a non-final prefill chunk);
+    # after a verification: the accepted drafts and the bonus token
     sampled_token_ids: dict[str, list[int]]
+    # req_id -> draft tokens proposed for the next step (tree nodes after the root)
+    num_draft_tokens: dict[str, int] = field(default_factory=dict)
     # req_id -> per sampled token: chosen token first, then the top-N
     logprobs: dict[str, list[TopLogprobs]] = field(default_factory=dict)
     # req_id -> per prompt position computed this step (position 0 has none)

@@ -33,6 +33,9 @@ class Request:
         self.params = params
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
+        # draft tokens (tree nodes after the root) the runner proposed for the next step; they
+        # are scheduled after the request's last token and are not part of num_tokens
+        self.num_draft_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.stop_reason: Optional[object] = None
@@ -57,8 +60,14 @@ class Request:
         """Lower runs first; the largest key is the first to be preempted."""
         return (self.params.priority, self.arrival_time, self._order)
 
-    def append_output(self, token_ids: list[int]) -> None:
-        self.output_token_ids.extend(token_ids)
+    def append_output(self, token_ids: list[int]) -> list[int]:
+        """Append tokens up to the first that stops the request (EOS, a stop token, max_tokens:
+        a speculative step can bring several); returns the ones appended."""
+        for i, tok in enumerate(token_ids):
+            self.output_token_ids.append(tok)
+            if self.check_stop():
+                return token_ids[:i + 1]
+        return token_ids
 
     def check_stop(self) -> bool:
         """Token-level stop conditions (stop strings are the detokenizer's job)."""

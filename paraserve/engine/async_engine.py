@@ -42,6 +42,9 @@ class StepRecord:
     num_preemptions: int
     kv_usage: float
     duration_s: float
+    num_drafts: int = 0  # speculative verifications this step
+    num_draft_tokens: int = 0  # draft tokens verified
+    num_accepted_tokens: int = 0  # of which accepted
 
 
 class AsyncLLM:
@@ -148,7 +151,9 @@ class AsyncLLM:
         stats = self.engine.scheduler.last_stats
         self.max_running_seen = max(self.max_running_seen, stats.num_running)
         record = StepRecord(stats.num_running, stats.num_waiting, stats.num_scheduled_tokens,
-                            stats.num_preemptions, self.engine.scheduler.kv.usage(), duration)
+                            stats.num_preemptions, self.engine.scheduler.kv.usage(), duration,
+                            stats.spec.num_drafts, stats.spec.num_draft_tokens,
+                            stats.spec.num_accepted_tokens)
         for listener in self.step_listeners:
             listener(record, outputs)
         for out in outputs:

@@ -1,6 +1,7 @@
 """The step loop: scheduler decides, worker runs, output processor turns tokens into text."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Optional, Union
@@ -8,7 +9,7 @@ from typing import Optional, Union
 from paraserve.config import ConfigError, EngineConfig
 from paraserve.core.outputs import RequestOutput
 from paraserve.core.request import Request, RequestStatus
-from paraserve.core.scheduler import Scheduler
+from paraserve.core.scheduler import Scheduler, SpecDecodingStats
 from paraserve.engine.output_processor import OutputProcessor
 from paraserve.models.loader import load_hf_config, load_tokenizer, resolve_model
 from paraserve.sampling_params import SamplingParams
@@ -39,7 +40,14 @@ class LLMEngine:
                 f"the KV cache holds {num_blocks * block_size} tokens, fewer than --max-model-len "
                 f"{self.max_model_len}: raise --kv-cache-memory or lower --max-model-len")
         self.worker.init_kv_cache(num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
+                                   config.speculative)
+        if config.speculative is not None:
+            spec = config.speculative
+            logger.info("speculative decoding: %s, up to %d draft tokens per path%s; off while more "
+                        "than %d requests run", spec.method, spec.num_speculative_tokens,
+                        f", {spec.beam_width} beams" if spec.method == "redrafter" else "",
+                        spec.disable_by_batch_size)
         self.outputs = OutputProcessor(self.tokenizer)
         self.eos_token_id = self._eos_token_id()
         self._pending_siblings: dict[str, list[Request]] = {}
@@ -115,6 +123,11 @@ class LLMEngine:
                 self.scheduler.finish_requests([cid], RequestStatus.FINISHED_ABORTED)
                 self.outputs.finish_child(cid, "abort")
             self.outputs.remove(rid)
+
+    def spec_decoding_stats(self) -> SpecDecodingStats:
+        """Cumulative speculative decoding counters (drafted, accepted, verifications), for
+        benchmarks; acceptance_rate and mean_accepted_length derive from them."""
+        return dataclasses.replace(self.scheduler.spec_stats)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_siblings)

@@ -65,10 +65,20 @@ class OutputProcessor:
         child = parent.children[req.req_id]
         if req.num_cached_tokens and not parent.num_cached_tokens:
             parent.num_cached_tokens = req.num_cached_tokens
+        stop = None
+        if child.detok.stop and len(new_tokens) > 1:
+            # several tokens in one step (speculative decoding): a stop string may end before the
+            # last, and the tokens after it are not output, as if they had not been generated
+            for i, tok in enumerate(new_tokens):
+                stop = child.detok.add_tokens([tok])
+                if stop is not None:
+                    new_tokens = new_tokens[:i + 1]
+                    break
+        else:
+            stop = child.detok.add_tokens(new_tokens)
         child.token_ids.extend(new_tokens)
-        for entry in runner_out.logprobs.get(req.req_id, []):
+        for entry in runner_out.logprobs.get(req.req_id, [])[:len(new_tokens)]:
             self._add_logprobs(child, entry)
-        stop = child.detok.add_tokens(new_tokens)
         if stop is not None:
             child.finish_reason, child.stop_reason = "stop", stop
             child.detok.finish()

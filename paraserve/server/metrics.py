@@ -31,6 +31,17 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
         self.step_running = Histogram("paraserve:step_running_requests", "Running requests per engine step",
                                       labels, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r)
+        self.spec_drafts = Counter("paraserve:spec_decode_num_drafts", "Speculative verifications (draft trees verified)",
+                                   labels, registry=r)
+        self.spec_draft_tokens = Counter("paraserve:spec_decode_num_draft_tokens", "Draft tokens verified",
+                                         labels, registry=r)
+        self.spec_accepted_tokens = Counter("paraserve:spec_decode_num_accepted_tokens",
+                                            "Draft tokens accepted (bonus tokens not included)", labels, registry=r)
+        self.spec_acceptance = Gauge("paraserve:spec_decode_acceptance_rate",
+                                     "Accepted / verified draft tokens, since start", labels, registry=r)
+        self.spec_accepted_len = Gauge("paraserve:spec_decode_mean_accepted_length",
+                                       "Tokens emitted per verification (accepted drafts + bonus), since start",
+                                       labels, registry=r)
         self.name = model_name
         engine.step_listeners.append(self._on_step)
 
@@ -45,6 +56,13 @@ class Metrics:
         if rec.num_scheduled_tokens:
             self.step_tokens.labels(n).observe(rec.num_scheduled_tokens)
             self.step_running.labels(n).observe(rec.num_running)
+        if rec.num_drafts:
+            self.spec_drafts.labels(n).inc(rec.num_drafts)
+            self.spec_draft_tokens.labels(n).inc(rec.num_draft_tokens)
+            self.spec_accepted_tokens.labels(n).inc(rec.num_accepted_tokens)
+            total = self.engine.engine.scheduler.spec_stats
+            self.spec_acceptance.labels(n).set(total.acceptance_rate)
+            self.spec_accepted_len.labels(n).set(total.mean_accepted_length)
 
     def observe_request(self, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float,
                         reasons: list[str]) -> None:

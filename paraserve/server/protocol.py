@@ -37,6 +37,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    speculative: bool = True  # extra body: false opts this request out of speculative decoding
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     user: Optional[str] = None
@@ -72,7 +73,8 @@ class _SamplingFields(BaseModel):
             stop=self.stop, stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos,
             logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
-            include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority)
+            include_stop_str_in_output=self.include_stop_str_in_output, priority=self.priority,
+            speculative=self.speculative)
 
 
 class CompletionRequest(_SamplingFields):

@@ -261,8 +261,9 @@ def shipped_drafter_path(base_model: str) -> str:
     """The drafter shipped in the package for a base model; a clear error when there is none."""
     path = os.path.join(SHIPPED_DIR, base_model)
     if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        raise ValueError(f"no drafter ships for base model {base_model!r}: train one with "
-                         f"`paraserve train-drafter --model MODEL --out DIR` and pass its drafter path")
+        raise ValueError(f"no drafter ships for base model {base_model!r} (none in {path}): train one "
+                         f"with `paraserve train-drafter --model MODEL --out DIR` and pass it as "
+                         f"--speculative-config '{{\"method\": \"redrafter\", \"drafter_path\": \"DIR\"}}'")
     return path
 
 

@@ -64,6 +64,15 @@ class DraftTree:
             unpack_valid=torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1),
         )
 
+    def prefix(self, n: int) -> "DraftTree":
+        """The first n nodes (n >= 1), e.g. when the step's token budget has no room for all:
+        a tree again, since a parent precedes its children. Beams end where they leave it."""
+        if n >= self.num_nodes:
+            return self
+        valid = self.unpack_valid & (self.unpack < n)  # node ids grow along a beam: a prefix stays
+        return DraftTree(self.token_ids[:n], self.parents[:n], self.depths[:n],
+                         self.attn_mask[:n, :n], torch.where(valid, self.unpack, 0), valid)
+
     def path(self, node: int) -> tuple[int, ...]:
         """Draft tokens from the root (excluded) down to node."""
         out = []

@@ -1,5 +1,15 @@
 """Runs one scheduled step: builds input tensors from the scheduler's deltas, runs the model
-over the paged KV cache, samples, and reports tokens (and logprobs) back as plain data."""
+over the paged KV cache, samples, and reports tokens (and logprobs) back as plain data.
+
+With speculative decoding, a decoding request may carry a draft tree (proposed at the end of
+the previous step). Its 1 + k scheduled tokens are the tree's first nodes, fed at positions
+num_computed_tokens + depth with an ancestor-only mask, in consecutive KV slots. After
+verification the accepted path's K/V rows are copied to the slots right after the context
+(node at depth j to slot num_computed + j): exactly what plain decoding would have written
+there, since each node attended to its ancestors only. The slots of rejected nodes are garbage
+past the new length; the blocks holding only them are released (by the scheduler, and
+mirrored here in the block table).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,6 +22,8 @@ from paraserve.attention.forward_context import forward_context
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TopLogprobs
 from paraserve.layers.sampler import Sampler, SamplingMetadata, SamplingRow, top_logprobs
 from paraserve.sampling_params import SamplingParams
+from paraserve.spec_decode.speculator import Speculator
+from paraserve.spec_decode.tree import DraftTree, PackedTrees, pack_trees
 
 
 @dataclass
@@ -22,8 +34,18 @@ class RequestState:
     params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    max_tokens: int  # output tokens it may have (max_tokens capped by the context)
     generator: Optional[torch.Generator] = None
     prompt_logprobs: list = field(default_factory=list)
+    tree: Optional[DraftTree] = None  # drafts for the next step; root = token_ids[-1]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    def sampling_row(self) -> SamplingRow:
+        return SamplingRow(self.params, self.token_ids[:self.num_prompt_tokens],
+                           self.token_ids[self.num_prompt_tokens:], self.generator)
 
 
 @dataclass
@@ -32,19 +54,25 @@ class StepInputs:
     meta: AttentionMetadata
     req_ids: list[str]
     sample_rows: list[int]  # request indices that sample this step
-    logits_indices: torch.Tensor  # [S] token index of each sampling row's last token
+    # [S + sum of tree sizes]: the last token of each sampling row, then every tree node
+    logits_indices: torch.Tensor
     prompt_lp: dict[int, tuple[int, int, int]]  # req index -> (token start, count, first target pos)
+    tree_rows: list[int] = field(default_factory=list)  # request indices verifying a tree
+    trees: Optional[PackedTrees] = None  # their trees, in tree_rows order
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, vocab_size: int, block_size: int,
-                 device: torch.device, default_seed: int) -> None:
+                 device: torch.device, default_seed: int, max_model_len: int,
+                 speculator: Optional[Speculator] = None) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
         self.default_seed = default_seed
+        self.max_model_len = max_model_len
         self.sampler = Sampler()
+        self.spec = speculator
         self.requests: dict[str, RequestState] = {}
 
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
@@ -61,13 +89,21 @@ class ModelRunner:
             if new.sampling_params.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(new.sampling_params.seed)
+            room = self.max_model_len - len(new.prompt_token_ids)
+            limit = new.sampling_params.max_tokens
             self.requests[new.req_id] = RequestState(
                 new.req_id, new.prompt_token_ids + new.output_token_ids, len(new.prompt_token_ids),
-                new.sampling_params, list(new.block_ids), new.num_computed_tokens, gen)
+                new.sampling_params, list(new.block_ids), new.num_computed_tokens,
+                room if limit is None else min(limit, room), gen)
         for cached in out.cached_requests:
             state = self.requests[cached.req_id]
+            if len(state.block_ids) != -(-cached.num_computed_tokens // self.block_size):
+                raise RuntimeError(f"block table of {cached.req_id} out of step with the scheduler")
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _slot(self, st: RequestState, pos: int) -> int:
+        return st.block_ids[pos // self.block_size] * self.block_size + pos % self.block_size
 
     # ---- inputs ------------------------------------------------------------------------
 
@@ -81,30 +117,57 @@ class ModelRunner:
         sample_rows: list[int] = []
         logits_idx: list[int] = []
         prompt_lp: dict[int, tuple[int, int, int]] = {}
-        bs = self.block_size
+        tree_rows: list[int] = []
+        trees: list[DraftTree] = []
         for i, req_id in enumerate(req_ids):
             st = self.requests[req_id]
             n = out.num_scheduled_tokens[req_id]
             s = st.num_computed_tokens
-            ids.extend(st.token_ids[s:s + n])
-            pos = range(s, s + n)
-            positions.extend(pos)
-            slots.extend(st.block_ids[p // bs] * bs + p % bs for p in pos)
+            tree, st.tree = st.tree, None  # this step verifies the drafts or drops them
+            k = out.num_draft_tokens.get(req_id, 0)
+            if k:
+                tree = self._scheduled_tree(st, tree, k, n)
+                ids.extend(tree.token_ids.tolist())
+                positions.extend((s + tree.depths).tolist())
+                tree_rows.append(i)
+                trees.append(tree)
+            else:
+                ids.extend(st.token_ids[s:s + n])
+                positions.extend(range(s, s + n))
+            slots.extend(self._slot(st, p) for p in range(s, s + n))
             starts.append(starts[-1] + n)
             seq_lens.append(s + n)
-            if s + n >= len(st.token_ids):
+            if not k and s + n >= len(st.token_ids):
                 sample_rows.append(i)
                 logits_idx.append(starts[-1] - 1)
             if st.params.prompt_logprobs is not None and s + 1 < st.num_prompt_tokens:
                 count = min(s + n, st.num_prompt_tokens - 1) - s
                 prompt_lp[i] = (starts[-2], count, s + 1)
+        for i in tree_rows:
+            logits_idx.extend(range(starts[i], starts[i + 1]))
+        meta = self._attention_metadata(req_ids, positions, slots, starts, seq_lens)
+        packed = None
+        if trees:
+            packed = pack_trees(trees).to(self.device)
+            meta.custom_masks = {i: t.attn_mask for i, t in zip(tree_rows, trees)}
+        return StepInputs(torch.tensor(ids, dtype=torch.long), meta, req_ids, sample_rows,
+                          torch.tensor(logits_idx, dtype=torch.long), prompt_lp, tree_rows, packed)
+
+    @staticmethod
+    def _scheduled_tree(st: RequestState, tree: Optional[DraftTree], k: int, n: int) -> DraftTree:
+        if tree is None or tree.num_nodes < 1 + k or n != 1 + k or int(tree.token_ids[0]) != st.token_ids[-1]:
+            raise RuntimeError(f"{st.req_id}: scheduled {k} draft tokens the runner does not hold")
+        return tree.prefix(1 + k)
+
+    def _attention_metadata(self, req_ids: list[str], positions: list[int], slots: list[int],
+                            starts: list[int], seq_lens: list[int]) -> AttentionMetadata:
         max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
         tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
         for i, req_id in enumerate(req_ids):
             b = self.requests[req_id].block_ids
             tables[i, :len(b)] = torch.tensor(b, dtype=torch.long)
         decode = [i for i in range(len(req_ids)) if starts[i + 1] - starts[i] == 1]
-        meta = AttentionMetadata(
+        return AttentionMetadata(
             num_reqs=len(req_ids), positions=torch.tensor(positions, dtype=torch.long),
             slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=tables,
             query_start_loc=starts, seq_lens=seq_lens,
@@ -112,8 +175,6 @@ class ModelRunner:
             decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long),
             decode_seq_lens=torch.tensor([seq_lens[i] for i in decode], dtype=torch.long),
             other_reqs=[i for i in range(len(req_ids)) if starts[i + 1] - starts[i] != 1])
-        return StepInputs(torch.tensor(ids, dtype=torch.long), meta, req_ids, sample_rows,
-                          torch.tensor(logits_idx, dtype=torch.long), prompt_lp)
 
     # ---- the step ----------------------------------------------------------------------
 
@@ -128,25 +189,122 @@ class ModelRunner:
         result = ModelRunnerOutput({})
         if inp.prompt_lp:
             self._prompt_logprobs(hidden, inp, result)
+        tree_ids = {inp.req_ids[i] for i in inp.tree_rows}
         for req_id, n in out.num_scheduled_tokens.items():
-            self.requests[req_id].num_computed_tokens += n
-        if not inp.sample_rows:
+            if req_id not in tree_ids:  # a tree's requests advance by what it accepts
+                self.requests[req_id].num_computed_tokens += n
+        if not inp.logits_indices.numel():
             return result
-        logits = self.model.compute_logits(hidden[inp.logits_indices])  # [S, vocab]
+        logits = self.model.compute_logits(hidden[inp.logits_indices])  # [S + tree nodes, vocab]
+        S = len(inp.sample_rows)
+        # (request, flat row of the hidden state that chose its last token) for the drafter
+        advanced: list[tuple[RequestState, int]] = []
+        if S:
+            self._sample(logits[:S], inp, result, advanced)
+        if inp.trees is not None:
+            self._verify(logits[S:], inp, result, advanced)
+        if self.spec is not None and out.propose_drafts and advanced:
+            self._propose(hidden, advanced, result)
+        return result
+
+    def _sample(self, logits: torch.Tensor, inp: StepInputs, result: ModelRunnerOutput,
+                advanced: list[tuple[RequestState, int]]) -> None:
         states = [self.requests[inp.req_ids[i]] for i in inp.sample_rows]
-        rows = [SamplingRow(st.params, st.token_ids[:st.num_prompt_tokens],
-                            st.token_ids[st.num_prompt_tokens:], st.generator) for st in states]
-        sampled = self.sampler(logits, SamplingMetadata.build(rows, self.vocab_size, self.device))
-        tokens = sampled.sampled_token_ids.tolist()  # the one host sync of the step
+        meta = SamplingMetadata.build([st.sampling_row() for st in states], self.vocab_size, self.device)
+        sampled = self.sampler(logits, meta)
+        tokens = sampled.sampled_token_ids.tolist()  # the one host sync of plain sampling
         lp = _to_lists(sampled)
+        rows = inp.logits_indices[:len(states)].tolist()
         for j, (st, tok) in enumerate(zip(states, tokens)):
             st.token_ids.append(tok)
             result.sampled_token_ids[st.req_id] = [tok]
+            advanced.append((st, rows[j]))
             if lp is not None and st.params.logprobs is not None:
                 ids, vals, rank = lp[0][j], lp[1][j], lp[2][j]
                 k = st.params.logprobs + 1
                 result.logprobs[st.req_id] = [(ids[:k], vals[:k], rank)]
-        return result
+
+    def _verify(self, logits: torch.Tensor, inp: StepInputs, result: ModelRunnerOutput,
+                advanced: list[tuple[RequestState, int]]) -> None:
+        """logits: [tree nodes, vocab], tree after tree. Emits the accepted drafts and the bonus
+        token of each tree and moves the accepted K/V into place."""
+        trees = inp.trees
+        states = [self.requests[inp.req_ids[i]] for i in inp.tree_rows]
+        v = self.spec.verify(logits, trees, [st.sampling_row() for st in states])
+        L = v.accepted_nodes.shape[1]
+        rows = torch.cat([v.num_accepted.unsqueeze(1), v.last_node.unsqueeze(1), v.accepted_nodes,
+                          v.output_token_ids], 1).tolist()  # the one host sync of verification
+        src: list[int] = []
+        dst: list[int] = []
+        lp_rows: list[int] = []  # for logprobs: the logits row that chose each emitted token
+        lp_tokens: list[int] = []
+        for b, (st, row) in enumerate(zip(states, rows)):
+            m, last = row[0], row[1]
+            nodes, tokens = row[2:2 + m], row[2 + L:3 + L + m]
+            base = st.num_computed_tokens  # the root's slot
+            for depth, node in enumerate(nodes, start=1):
+                if node != depth:  # off the first beam: its K/V is not in place yet
+                    src.append(self._slot(st, base + node))
+                    dst.append(self._slot(st, base + depth))
+            st.num_computed_tokens = base + 1 + m
+            del st.block_ids[-(-st.num_computed_tokens // self.block_size):]  # as the scheduler trims
+            st.token_ids.extend(tokens)
+            result.sampled_token_ids[st.req_id] = tokens
+            first = trees.query_start_loc[b]
+            advanced.append((st, inp.meta.query_start_loc[inp.tree_rows[b]] + last))
+            if st.params.logprobs is not None:
+                lp_rows.extend(first + n for n in [0] + nodes)
+                lp_tokens.extend(tokens)
+        self._move_kv(src, dst)
+        if lp_rows:
+            self._tree_logprobs(logits, states, lp_rows, lp_tokens, result)
+
+    def _move_kv(self, src: list[int], dst: list[int]) -> None:
+        """Copy the K/V of slots `src` to slots `dst` in every layer. A destination is never
+        the source of another pair (accepted node ids exceed their depths), and the gather on
+        the right runs before the scatter anyway."""
+        if not src:
+            return
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        for layer in self.model.attention_layers():
+            cache = layer.kv_cache  # [2, num_blocks, block_size, KVH, D]
+            flat = cache.view(2, -1, *cache.shape[-2:])  # [2, num_slots, KVH, D]
+            flat[:, d] = flat[:, s]
+
+    def _tree_logprobs(self, logits: torch.Tensor, states: list[RequestState], rows: list[int],
+                       tokens: list[int], result: ModelRunnerOutput) -> None:
+        k = max(st.params.logprobs for st in states if st.params.logprobs is not None)
+        ids, vals, ranks = top_logprobs(logits[torch.tensor(rows)], torch.tensor(tokens), k)
+        ids, vals, ranks = ids.tolist(), vals.tolist(), ranks.tolist()
+        j = 0
+        for st in states:
+            if st.params.logprobs is None:
+                continue
+            n, keep = len(result.sampled_token_ids[st.req_id]), st.params.logprobs + 1
+            result.logprobs[st.req_id] = [(ids[r][:keep], vals[r][:keep], ranks[r])
+                                          for r in range(j, j + n)]
+            j += n
+
+    def _propose(self, hidden: torch.Tensor, advanced: list[tuple[RequestState, int]],
+                 result: ModelRunnerOutput) -> None:
+        """Draft trees for the requests that got tokens this step, to verify next step."""
+        picked, depths, rows = [], [], []
+        for st, row in advanced:
+            # a path may hold what max_tokens leaves after the bonus token; that also keeps
+            # every node's position inside the context
+            depth = st.max_tokens - st.num_output_tokens - 1
+            if depth >= 1 and self.spec.eligible(st.params, st.num_output_tokens):
+                picked.append(st)
+                depths.append(depth)
+                rows.append(row)
+        if not picked:
+            return
+        h = hidden[torch.tensor(rows)] if self.spec.needs_hidden_states else None  # [B, hidden]
+        for st, tree in zip(picked, self.spec.propose([st.token_ids for st in picked], depths, h)):
+            if tree is not None:
+                st.tree = tree
+                result.num_draft_tokens[st.req_id] = tree.num_nodes - 1
 
     def _prompt_logprobs(self, hidden: torch.Tensor, inp: StepInputs,
                          result: ModelRunnerOutput) -> None:

@@ -16,6 +16,7 @@ from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from paraserve.distributed import parallel_state
 from paraserve.models.loader import ModelSource, iter_weights
 from paraserve.models.registry import get_model_class
+from paraserve.spec_decode.speculator import Speculator
 from paraserve.worker.model_runner import ModelRunner
 
 logger = logging.getLogger("paraserve")
@@ -98,8 +99,11 @@ class Worker:
         self.model = model.eval()
         logger.info("loaded %s (%s, %s) in %.1f s", source.name, self.dtype_name, self.device,
                     time.monotonic() - t0)
+        speculator = None
+        if config.speculative is not None:
+            speculator = Speculator(config.speculative, self.model, source.name, hf_config.vocab_size)
         self.runner = ModelRunner(self.model, hf_config.vocab_size, config.cache.block_size,
-                                  self.device, config.model.seed)
+                                  self.device, config.model.seed, max_model_len, speculator)
 
     @property
     def dtype_name(self) -> str:

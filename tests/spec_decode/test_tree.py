@@ -95,3 +95,21 @@ def test_pack_trees(seed):
         assert torch.equal(packed.unpack[b, :w, :l], t.unpack)
         assert torch.equal(packed.unpack_valid[b, :w, :l], t.unpack_valid)
         assert packed.unpack_valid[b].sum() == t.unpack_valid.sum()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_is_the_tree_of_the_cut_beams(seed):
+    """A step's budget may take only the first n nodes: they form the tree of the beams cut
+    where they leave those nodes."""
+    rng = random.Random(seed)
+    for _ in range(25):
+        beams = random_beams(rng)
+        tree = DraftTree.from_beams(9, beams)
+        for n in range(1, tree.num_nodes + 1):
+            part = tree.prefix(n)
+            part.check_integrity()
+            cut = [[t for t, node in zip(b, tree.unpack[w].tolist()) if node < n] for w, b in enumerate(beams)]
+            ref = DraftTree.from_beams(9, cut)
+            assert torch.equal(part.token_ids, ref.token_ids) and torch.equal(part.parents, ref.parents)
+            assert torch.equal(part.attn_mask, ref.attn_mask)
+            assert torch.equal(part.unpack_valid[:, :ref.unpack.shape[1]], ref.unpack_valid)

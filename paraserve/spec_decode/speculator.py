@@ -1,0 +1,118 @@
+"""Speculative decoding as the model runner uses it: after a step, a draft tree for each request
+that decodes next (proposer + tree.py); in the next step, once the model has run the tree,
+which drafts the target accepts (rejection_sampler.py) against the distribution the sampler
+would have drawn from.
+
+What is lossless, and what is not drafted. Greedy rows accept a draft when it is the argmax of
+the (logit_bias-processed) logits, so their output is plain greedy decoding's; sampling rows use
+the tree-aware rejection rule against the request's own distribution after temperature, top-k,
+top-p, min-p and logit_bias (rejection_sampler.py explains the rule). Repetition, frequency and
+presence penalties and min_tokens depend on the tokens before each row, which differ along each
+path of a tree: requests that use them are not drafted for and decode as without speculation.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional, Sequence
+
+import torch
+
+from paraserve.config import SpecConfig
+# _apply_top_k_top_p is the sampler's own top-k/top-p, reused so that verification and sampling
+# cannot drift apart; it should become public (e.g. a Sampler.probs()) in layers/sampler.py
+from paraserve.layers.sampler import (SamplingMetadata, SamplingRow, _apply_top_k_top_p, argmax,
+                                      process_logits)
+from paraserve.sampling_params import SamplingParams
+from paraserve.spec_decode.proposer import Proposer, get_proposer
+from paraserve.spec_decode.rejection_sampler import VerifyOutput, verify_greedy, verify_sampling
+from paraserve.spec_decode.tree import DraftTree, PackedTrees
+
+logger = logging.getLogger("paraserve")
+
+
+class Speculator:
+    def __init__(self, config: SpecConfig, model: torch.nn.Module, model_name: str,
+                 vocab_size: int) -> None:
+        self.method = config.method
+        self.vocab_size = vocab_size
+        self.proposer = build_proposer(config, model, model_name)
+        # ReDrafter reads the base model's final hidden state at the row that chose the last token
+        self.needs_hidden_states = config.method == "redrafter"
+
+    @staticmethod
+    def eligible(params: SamplingParams, num_output_tokens: int) -> bool:
+        """Whether to draft for a request (see the module docstring for why not always)."""
+        return (params.speculative and params.repetition_penalty == 1.0
+                and params.frequency_penalty == 0.0 and params.presence_penalty == 0.0
+                and num_output_tokens >= params.min_tokens)
+
+    def propose(self, token_ids: Sequence[list[int]], max_depths: Sequence[int],
+                hidden_states: Optional[torch.Tensor]) -> list[Optional[DraftTree]]:
+        """token_ids: per request, prompt + output (the last token is the tree's root);
+        max_depths: per request, the most draft tokens one path may hold (what max_tokens leaves);
+        hidden_states: [B, H] for ReDrafter. Returns a tree per request, None when nothing."""
+        drafts = self.proposer.propose(token_ids, hidden_states)
+        trees: list[Optional[DraftTree]] = []
+        for tokens, depth, draft in zip(token_ids, max_depths, drafts):
+            beams = [b[:depth] for b in draft.beams]
+            trees.append(DraftTree.from_beams(tokens[-1], beams) if any(beams) else None)
+        return trees
+
+    def verify(self, logits: torch.Tensor, trees: PackedTrees, rows: list[SamplingRow]) -> VerifyOutput:
+        """logits: [T, V] raw logits of every tree node, flat, tree after tree in `trees`' order;
+        rows: one per tree, its request's sampling state."""
+        if all(r.params.greedy and not r.params.logit_bias for r in rows):
+            return verify_greedy(trees.gather(logits), trees)
+        per_node = [r for r, n in zip(rows, trees.num_nodes) for _ in range(n)]
+        meta = SamplingMetadata.build(per_node, self.vocab_size, logits.device)
+        x = process_logits(logits.to(torch.float32, copy=True), meta)  # [T, V]: logit_bias
+        if meta.all_greedy:
+            return verify_greedy(trees.gather(x), trees)
+        greedy = None if meta.greedy_mask is None else argmax(x)  # [T]; before x is scaled
+        probs = target_probs(x, meta)  # [T, V]
+        if greedy is not None:  # a point mass at the argmax: verify_sampling is then greedy
+            onehot = torch.zeros_like(probs).scatter_(1, greedy.unsqueeze(1), 1.0)
+            probs = torch.where(meta.greedy_mask.unsqueeze(1), onehot, probs)
+        generators = {b: r.generator for b, r in enumerate(rows)
+                      if r.generator is not None and not r.params.greedy}
+        # ReDrafter's beams and prompt lookup are deterministic drafts: draft_probs None
+        return verify_sampling(trees.gather(probs), trees, None, generators)
+
+
+def target_probs(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """The distribution Sampler draws from, normalised: x [R, V] float32 logits after
+    process_logits (modified in place) -> temperature, top-k, top-p, min-p -> [R, V]."""
+    x.div_(meta.temperature.unsqueeze(1))
+    if meta.top_k is not None or meta.top_p is not None:
+        x = _apply_top_k_top_p(x, meta.top_k, meta.top_p)
+    probs = x.softmax(-1)  # [R, V]
+    if meta.min_p is not None:
+        threshold = meta.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)  # [R, 1]
+        probs = probs.masked_fill(probs < threshold, 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) -> Proposer:
+    if config.method == "ngram":
+        return get_proposer("ngram", num_speculative_tokens=config.num_speculative_tokens,
+                            min_n=config.prompt_lookup_min, max_n=config.prompt_lookup_max)
+    from paraserve.spec_decode.redrafter import load_drafter_config, shipped_drafter_path
+
+    path = config.drafter_path
+    if path is None:
+        path = shipped_drafter_path(model_name)  # a clear error when none ships
+        check_name: Optional[str] = model_name
+    else:
+        if not os.path.isdir(path):
+            raise ValueError(f"speculative-config: drafter_path {path} is not a directory "
+                             "(write one with `paraserve train-drafter --out DIR`)")
+        # a drafter the user points at may have been trained on another copy of this model:
+        # shapes are checked, a different name only warned about
+        trained_for = load_drafter_config(path).base_model
+        if trained_for.lower() != model_name.lower():
+            logger.warning("drafter %s was trained for %r, serving %r", path, trained_for, model_name)
+        check_name = None
+    return get_proposer("redrafter", model=model, model_name=check_name, drafter_path=path,
+                        beam_width=config.beam_width, beam_length=config.beam_length)
