@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "concurrent streaming clients against `paraserve serve`: TTFT, TPOT, tokens/s"),
     "prefix": ("paraserve.bench.prefix",
                "time to first token with and without prefix caching on a shared system prompt"),
+    "spec": ("paraserve.bench.spec",
+             "speculative decoding (ngram, redrafter) vs plain decoding of the same engine: decode "
+             "speedup, accepted length, greedy outputs identical"),
 }
 
 
@@ -37,4 +40,4 @@ def main(args: argparse.Namespace) -> int:
 
     report = importlib.import_module(COMMANDS[args.bench_command][0]).run(args)
     emit(report, args.output_json)
-    return 0
+    return 0 if report.ok else 1

@@ -130,6 +130,7 @@ class Report:
     rows: list[list[Cell]]
     results: dict[str, Any]
     notes: list[str] = field(default_factory=list)  # workload and method, printed above the table
+    ok: bool = True  # False: the run found a correctness problem; the command exits 1
 
     def render(self) -> str:
         return "\n".join(header_lines(self.command, self.machine) + self.notes

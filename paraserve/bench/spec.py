@@ -1,0 +1,349 @@
+"""`paraserve bench spec`: speculative decoding against plain decoding of the same engine.
+
+One engine per method, built with speculation; the plain baseline is the same engine with every
+request opted out (SamplingParams(speculative=False)), so weights, KV cache and kernels are
+identical and only the drafting differs. Per prompt set and batch size, plain and speculative
+runs alternate on the same prompts, greedy, up to --output-len tokens (EOS may end them sooner:
+the actual counts are reported). Greedy speculation is lossless, so both must produce the same
+tokens; any difference is reported loudly and makes the command exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import operator
+import sys
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Optional, Sequence
+
+from paraserve.bench.report import Cell, Report
+
+if TYPE_CHECKING:
+    from paraserve.engine.llm_engine import LLMEngine
+    from paraserve.llm import LLM
+    from paraserve.sampling_params import SamplingParams
+
+DEFAULT_METHODS = ("ngram", "redrafter")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    g.add_argument("--methods", type=_names, default=None, metavar="M1,M2",
+                   help="speculative methods to measure, one engine each (default: the method named in "
+                        "--speculative-config, else ngram,redrafter)")
+    g.add_argument("--batch-sizes", type=_sizes, default=[1, 8, 32], metavar="B1,B2,...",
+                   help="concurrent requests per run; batch 1 runs --num-prompts requests one at a time "
+                        "(default: 1,8,32)")
+    g.add_argument("--prompt-sets", type=_names, default=["chat", "code"], metavar="S1,S2",
+                   help="shipped prompt sets: chat, code (default: chat,code)")
+    g.add_argument("--output-len", type=int, default=128,
+                   help="max_tokens of every request; greedy, EOS may end it sooner (default: 128)")
+    g.add_argument("--num-prompts", type=int, default=8,
+                   help="requests timed one at a time at batch 1, per prompt set (default: 8)")
+    g.add_argument("--drafter", default=None, metavar="PATH",
+                   help="ReDrafter directory from `paraserve train-drafter` (default: the one shipped for "
+                        "the model; without one, redrafter is skipped with a note)")
+
+
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be integers >= 1, got {text!r}")
+    return sizes
+
+
+# ---- the engines' speculative configs --------------------------------------------------------
+
+def spec_configs(methods: Optional[Sequence[str]], overrides_json: Optional[str],
+                 drafter: Optional[str]) -> dict[str, dict[str, Any]]:
+    """method -> the speculative_config its engine gets. --speculative-config's keys override the
+    defaults of every method they belong to (disable_by_batch_size, num_speculative_tokens: all;
+    beam_*: redrafter; prompt_lookup_*: ngram); its "method" only picks the default --methods."""
+    # _SPEC_ONLY says which keys belong to one method only; SpecConfig rejects the other's keys
+    from paraserve.config import _SPEC_ONLY, SPEC_METHODS, ConfigError, SpecConfig
+
+    overrides: dict[str, Any] = {}
+    if overrides_json and overrides_json.strip():
+        try:
+            overrides = json.loads(overrides_json)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--speculative-config is not valid JSON ({e.msg} at character "
+                              f"{e.pos})") from None
+        if not isinstance(overrides, dict):
+            raise ConfigError("--speculative-config must be a JSON object, e.g. "
+                              "'{\"disable_by_batch_size\": 64}'")
+    named = overrides.pop("method", None)
+    methods = list(methods or ([named] if named else DEFAULT_METHODS))
+    unknown = [m for m in methods if m not in SPEC_METHODS]
+    if unknown or len(set(methods)) != len(methods):
+        raise ConfigError(f"--methods: give distinct methods from {', '.join(SPEC_METHODS)}, "
+                          f"got {methods}")
+    out, used = {}, set()
+    for m in methods:
+        others = {k for om, keys in _SPEC_ONLY.items() if om != m for k in keys}
+        cfg = {"method": m, **{k: v for k, v in overrides.items() if k not in others}}
+        used |= cfg.keys()
+        if m == "redrafter" and drafter is not None:
+            cfg["drafter_path"] = drafter
+        SpecConfig.parse(dict(cfg))  # a bad key or value fails now, before any model loads
+        out[m] = cfg
+    unused = sorted(set(overrides) - used)
+    if unused:  # silently measuring without them would answer another question
+        raise ConfigError(f"--speculative-config: {', '.join(unused)} is not an option of "
+                          f"{', '.join(methods)}")
+    return out
+
+
+def missing_drafter(cfg: dict[str, Any], model_name: str) -> Optional[str]:
+    """Why a redrafter engine cannot be built (no drafter), or None."""
+    import os
+
+    from paraserve.spec_decode.redrafter import shipped_drafter_path
+
+    path = cfg.get("drafter_path")
+    if path is not None:
+        return None if os.path.isdir(path) else f"drafter {path} is not a directory"
+    try:
+        shipped_drafter_path(model_name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# ---- one run: requests added together, stepped to the end ------------------------------------
+
+@dataclass
+class Run:
+    """Decode is timed from the step after which every request has its first token (prefill and
+    TTFT excluded, as in `bench latency`) to the last token; at batch 1 this is latency's rate."""
+    decode_s: float
+    decode_tokens: int  # tokens emitted after that step
+    elapsed_s: float
+    outputs: list[list[int]]  # per request, in order
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    def __add__(self, other: "Run") -> "Run":
+        return Run(self.decode_s + other.decode_s, self.decode_tokens + other.decode_tokens,
+                   self.elapsed_s + other.elapsed_s, self.outputs + other.outputs,
+                   self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
+                   self.num_accepted_tokens + other.num_accepted_tokens)
+
+
+def run_requests(engine: "LLMEngine", prompts: Sequence[list[int]], params: "SamplingParams") -> Run:
+    before = engine.spec_decoding_stats()
+    t0 = time.perf_counter()
+    ids = [engine.add_request(None, {"prompt_token_ids": list(p)}, dataclasses.replace(params))
+           for p in prompts]
+    counts = dict.fromkeys(ids, 0)
+    done: dict[str, list[int]] = {}
+    t_first: Optional[float] = None
+    base = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id in counts:
+                counts[out.request_id] = len(out.outputs[0].token_ids)
+                if out.finished:
+                    done[out.request_id] = list(out.outputs[0].token_ids)
+        if t_first is None and all(counts.values()):
+            t_first, base = time.perf_counter(), sum(counts.values())
+    t_end = time.perf_counter()
+    if len(done) != len(ids):
+        raise RuntimeError(f"{len(ids) - len(done)} requests left the engine without finishing")
+    after = engine.spec_decoding_stats()
+    return Run(t_end - (t_first or t_end), sum(counts.values()) - base, t_end - t0, [done[i] for i in ids],
+               after.num_drafts - before.num_drafts, after.num_draft_tokens - before.num_draft_tokens,
+               after.num_accepted_tokens - before.num_accepted_tokens)
+
+
+def measure(engine: "LLMEngine", prompts: Sequence[list[int]], batch_size: int, output_len: int,
+            bar: Any) -> tuple[Run, Run]:
+    """Plain and speculative runs of the prompts in groups of batch_size, alternating so that
+    both see the same machine load."""
+    from paraserve.sampling_params import SamplingParams
+
+    plain_params = SamplingParams(temperature=0, max_tokens=output_len, speculative=False)
+    spec_params = SamplingParams(temperature=0, max_tokens=output_len)
+    plain, spec = [], []
+    for start in range(0, len(prompts), batch_size):
+        group = prompts[start:start + batch_size]
+        plain.append(run_requests(engine, group, plain_params))
+        bar.update(len(group))
+        spec.append(run_requests(engine, group, spec_params))
+        bar.update(len(group))
+    return functools.reduce(operator.add, plain), functools.reduce(operator.add, spec)
+
+
+# ---- figures and the table --------------------------------------------------------------------
+
+def mismatches(plain: Sequence[list[int]], spec: Sequence[list[int]]) -> list[dict[str, int]]:
+    """Requests whose speculative greedy output differs from the plain one."""
+    out = []
+    for i, (a, b) in enumerate(zip(plain, spec)):
+        if a != b:
+            first = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            out.append({"request": i, "first_difference": first, "plain_tokens": len(a),
+                        "spec_tokens": len(b)})
+    return out
+
+
+def speculation_label(batch_size: int, limit: int, num_drafts: int) -> str:
+    """What the engine's disable_by_batch_size made of this batch size. Above it, speculation can
+    still start once enough requests have finished (EOS) that few enough are left: 'tail'."""
+    if batch_size <= limit:
+        return "on"
+    return f"off (>{limit})" + (", tail on" if num_drafts else "")
+
+
+def figures(plain: Run, spec: Run, batch_size: int, limit: int) -> dict[str, Any]:
+    def rate(r: Run) -> Optional[float]:
+        return r.decode_tokens / r.decode_s if r.decode_s > 0 and r.decode_tokens else None
+
+    def side(r: Run) -> dict[str, Any]:
+        return {"decode_tokens_per_s": rate(r), "decode_tokens": r.decode_tokens, "decode_s": r.decode_s,
+                "elapsed_s": r.elapsed_s, "output_tokens": sum(len(o) for o in r.outputs),
+                "output_tokens_per_request": [len(o) for o in r.outputs]}
+
+    ours, base = rate(spec), rate(plain)
+    drafts = spec.num_drafts
+    return {"batch_size": batch_size, "requests": len(plain.outputs),
+            "speculation": speculation_label(batch_size, limit, drafts), "disable_by_batch_size": limit,
+            "plain": side(plain), "spec": side(spec),
+            "speedup": ours / base if ours and base else None,
+            "num_drafts": drafts, "num_draft_tokens": spec.num_draft_tokens,
+            "num_accepted_tokens": spec.num_accepted_tokens,
+            # the engine's definitions (SpecDecodingStats): tokens per verification incl. the bonus
+            # token; accepted / drafted tree nodes
+            "mean_accepted_length": (spec.num_accepted_tokens + drafts) / drafts if drafts else None,
+            "acceptance_rate": (spec.num_accepted_tokens / spec.num_draft_tokens
+                                if spec.num_draft_tokens else None),
+            "mismatches": mismatches(plain.outputs, spec.outputs)}
+
+
+HEADERS = ["method", "prompts", "batch", "speculation", "plain tok/s", "spec tok/s", "speedup",
+           "accepted len", "acceptance", "output tokens", "greedy identical"]
+
+
+def table_row(run: dict[str, Any]) -> list[Cell]:
+    bad = len(run["mismatches"])
+    speedup = run["speedup"]
+    return [run["method"], run["prompts"], run["batch_size"], run["speculation"],
+            run["plain"]["decode_tokens_per_s"], run["spec"]["decode_tokens_per_s"],
+            None if speedup is None else f"{speedup:.2f}x", run["mean_accepted_length"],
+            run["acceptance_rate"], run["plain"]["output_tokens"],
+            "yes" if not bad else f"NO: {bad}/{run['requests']} differ"]
+
+
+# ---- the command ------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace) -> Report:
+    from tqdm import tqdm
+
+    from paraserve.bench import common
+    from paraserve.bench.prompt_sets import load_prompt_set
+    from paraserve.bench.report import machine_info
+    from paraserve.models.loader import resolve_model
+
+    if args.output_len < 1 or args.num_prompts < 1:
+        raise ValueError("--output-len and --num-prompts must be >= 1")
+    configs = spec_configs(args.methods, args.speculative_config, args.drafter)
+    texts = {name: load_prompt_set(name) for name in args.prompt_sets}
+    source_name = resolve_model(args.model).name  # what the engine finds a shipped drafter by
+    why = missing_drafter(configs["redrafter"], source_name) if "redrafter" in configs else None
+    skipped = {"redrafter": why} if why else {}
+    for m, reason in skipped.items():
+        print(f"note: skipping {m}: {reason}", file=sys.stderr, flush=True)
+    todo = [m for m in configs if m not in skipped]
+
+    runs: list[dict[str, Any]] = []
+    used: dict[str, Any] = {}
+    machine = machine_info(args.dtype, args.served_model_name or source_name)  # replaced once one loads
+    per_method = sum(args.num_prompts if b == 1 else b for b in args.batch_sizes) * 2 * len(texts)
+    with tqdm(total=per_method * len(todo), desc="spec", unit="req", dynamic_ncols=True) as bar:
+        for method in todo:
+            llm = common.make_llm(args, speculative_config=configs[method])
+            used[method] = dataclasses.asdict(llm.engine.config.speculative)
+            machine = machine_info(common.dtype_name(llm.engine.worker.dtype), llm.engine.model_name)
+            runs += _measure_method(llm, method, texts, args, bar)
+            del llm
+            common.free_memory()
+
+    bad = [r for r in runs if r["mismatches"]]
+    return Report("spec", machine, common.config_of(args), HEADERS, [table_row(r) for r in runs],
+                  {"runs": runs, "speculative_configs": used, "skipped": skipped,
+                   "prompt_sets": {n: len(t) for n, t in texts.items()}, "greedy_identical": not bad},
+                  _notes(args, used, skipped, runs), ok=not bad)
+
+
+def _measure_method(llm: "LLM", method: str, texts: dict[str, list[str]], args: argparse.Namespace,
+                    bar: Any) -> list[dict[str, Any]]:
+    """Every prompt set x batch size on one engine built for `method`."""
+    from paraserve.bench.prompt_sets import render, take
+
+    engine = llm.engine
+    limit = engine.config.speculative.disable_by_batch_size
+    rendered = {name: render(llm.tokenizer, t) for name, t in texts.items()}
+    _warm_up(engine, next(iter(rendered.values())))
+    runs = []
+    for name, prompts in rendered.items():
+        for b in args.batch_sizes:
+            bar.set_description(f"{method} {name} batch {b}")
+            plain, spec = measure(engine, take(prompts, args.num_prompts if b == 1 else b), b,
+                                  args.output_len, bar)
+            runs.append({"method": method, "prompts": name, **figures(plain, spec, b, limit)})
+            _shout(runs[-1])
+    return runs
+
+
+def _warm_up(engine: "LLMEngine", prompts: Sequence[list[int]]) -> None:
+    """One-off costs (allocation, kernel selection, the drafter's first call) out of the timing:
+    a short plain and a short speculative run."""
+    from paraserve.sampling_params import SamplingParams
+
+    for spec in (False, True):
+        run_requests(engine, prompts[:2], SamplingParams(temperature=0, max_tokens=16, speculative=spec))
+
+
+def _shout(run: dict[str, Any]) -> None:
+    if run["mismatches"]:
+        print(f"ERROR: {run['method']} on {run['prompts']} prompts at batch {run['batch_size']}: "
+              f"{len(run['mismatches'])} greedy outputs differ from plain decoding (a correctness "
+              f"bug): {run['mismatches']}", file=sys.stderr, flush=True)
+
+
+def _notes(args: argparse.Namespace, used: dict[str, Any], skipped: dict[str, str],
+           runs: list[dict[str, Any]]) -> list[str]:
+    notes = [f"workload: prompt sets {', '.join(args.prompt_sets)} (shipped text, chat template), greedy, "
+             f"max_tokens {args.output_len} (EOS may end a request sooner); batch 1: {args.num_prompts} "
+             f"requests one at a time; batch B: the first B prompts together",
+             "baseline: the same engine with every request opted out (speculative=False); plain and "
+             "speculative runs alternate; decode tok/s excludes prefill (timed from the step after which "
+             "every request has its first token); no transformers run",
+             "accepted len: tokens per verification incl. the bonus token; acceptance: accepted / drafted "
+             "tokens (every tree node counts as drafted)"]
+    for m, cfg in used.items():
+        keys = ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None and k != "method")
+        notes.append(f"{m}: {keys}")
+    if any(r["speculation"].startswith("off") for r in runs):
+        notes.append("speculation 'off (>N)': the engine's disable_by_batch_size turned it off at that batch "
+                     "size; measure it anyway with --speculative-config '{\"disable_by_batch_size\": 64}'")
+    notes += [f"skipped {m}: {why}" for m, why in skipped.items()]
+    bad = [r for r in runs if r["mismatches"]]
+    if bad:
+        notes.append(f"ERROR: greedy outputs differ in {len(bad)} runs (details in the JSON): speculative "
+                     "decoding is not lossless here; this is a correctness bug")
+    return notes

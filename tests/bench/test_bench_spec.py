@@ -1,0 +1,176 @@
+"""`paraserve bench spec`: the shipped prompt sets, the speculative configs it builds, its figures
+and table on hand-made runs, and one tiny end-to-end run through the CLI. Never asserts on speed."""
+import argparse
+import json
+import subprocess
+import sys
+
+import pytest
+
+from paraserve.bench import prompt_sets as ps
+from paraserve.bench import spec
+from paraserve.config import ConfigError
+
+# ---- prompt sets -------------------------------------------------------------------------------
+
+
+def test_shipped_prompt_sets_load():
+    chat, code = ps.load_prompt_set("chat"), ps.load_prompt_set("code")
+    assert len(chat) == len(code) == 32  # enough for the default largest batch, 32
+    assert len(set(chat)) == len(chat) and len(set(code)) == len(code)
+    assert all("\n" not in p and p.endswith(("?", ".")) for p in chat)
+    assert all("```" in p and p.count("```") % 2 == 0 for p in code)  # an instruction + a code block
+    assert any("    " in p for p in code)  # indentation survives the block format
+    with pytest.raises(ValueError, match="chat, code"):
+        ps.load_prompt_set("poems")
+
+
+def test_chat_prompts_are_held_out_from_the_drafter_training_prompts():
+    from paraserve.spec_decode.train_drafter import PROMPTS_FILE
+
+    with open(PROMPTS_FILE) as f:
+        trained = {line.strip().lower() for line in f}
+    assert not {p.lower() for p in ps.load_prompt_set("chat")} & trained
+
+
+def test_parse_prompts_formats():
+    assert ps.parse_prompts("a?\n\n  b.  \n", "lines") == ["a?", "b."]
+    text = "do x:\n\n```\n  y = 1\n```\n%%\n\nsecond\n  %%  \n%%\n"
+    assert ps.parse_prompts(text, "blocks") == ["do x:\n\n```\n  y = 1\n```", "second"]
+    with pytest.raises(ValueError):
+        ps.parse_prompts("x", "csv")
+    assert ps.take([1, 2, 3], 2) == [1, 2] and ps.take([1, 2], 5) == [1, 2, 1, 2, 1]
+
+
+def test_render_uses_the_chat_template(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    [ids] = ps.render(tok, ["Why is the sky blue?"])
+    assert tok.decode(ids) == "<|im_start|>user\nWhy is the sky blue?<|im_end|>\n<|im_start|>assistant\n"
+    tok.chat_template = None
+    assert ps.render(tok, ["hi there"]) == [tok.encode("hi there")]
+
+
+# ---- speculative configs -----------------------------------------------------------------------
+
+def test_spec_configs_defaults_and_overrides():
+    assert spec.spec_configs(None, None, None) == {"ngram": {"method": "ngram"},
+                                                   "redrafter": {"method": "redrafter"}}
+    # shared keys go to every method, a method's own keys only to it; "method" picks the default
+    both = spec.spec_configs(["ngram", "redrafter"], '{"disable_by_batch_size": 64, "beam_width": 2, '
+                             '"prompt_lookup_max": 5}', "/d")
+    assert both == {"ngram": {"method": "ngram", "disable_by_batch_size": 64, "prompt_lookup_max": 5},
+                    "redrafter": {"method": "redrafter", "disable_by_batch_size": 64, "beam_width": 2,
+                                  "drafter_path": "/d"}}
+    assert spec.spec_configs(None, '{"method": "ngram", "num_speculative_tokens": 6}', None) == \
+        {"ngram": {"method": "ngram", "num_speculative_tokens": 6}}
+    for methods, text in [(["ngram", "ngram"], None), (["eagle"], None), (None, "[1]"), (None, "{"),
+                          (None, '{"disable_by_batch_size": 0}'), (None, '{"nope": 1}'),
+                          (["ngram"], '{"beam_width": 2}')]:
+        with pytest.raises(ConfigError):
+            spec.spec_configs(methods, text, None)
+
+
+def test_missing_drafter_is_a_note_not_a_crash(tmp_path):
+    why = spec.missing_drafter({"method": "redrafter"}, "no-such-model")
+    assert "no drafter ships" in why and "train-drafter" in why
+    assert "not a directory" in spec.missing_drafter({"drafter_path": str(tmp_path / "x")}, "m")
+    assert spec.missing_drafter({"drafter_path": str(tmp_path)}, "m") is None
+
+
+def test_batch_sizes_and_names_flags():
+    from paraserve.server.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "spec", "--batch-sizes", "1,4", "--methods", "ngram"])
+    assert args.batch_sizes == [1, 4] and args.methods == ["ngram"]
+    assert args.prompt_sets == ["chat", "code"] and args.output_len == 128
+    for bad in ("0,4", "a", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            spec._sizes(bad)
+
+
+# ---- figures and the table ---------------------------------------------------------------------
+
+def test_mismatches_find_the_first_difference():
+    assert spec.mismatches([[1, 2, 3], [4]], [[1, 2, 3], [4]]) == []
+    assert spec.mismatches([[1, 2, 3], [4, 5]], [[1, 9, 3], [4, 5, 6]]) == [
+        {"request": 0, "first_difference": 1, "plain_tokens": 3, "spec_tokens": 3},
+        {"request": 1, "first_difference": 2, "plain_tokens": 2, "spec_tokens": 3}]
+
+
+def test_speculation_label():
+    assert spec.speculation_label(8, 8, 0) == "on"
+    assert spec.speculation_label(32, 8, 0) == "off (>8)"
+    assert spec.speculation_label(32, 8, 5) == "off (>8), tail on"
+
+
+def test_figures_and_table_row():
+    plain = spec.Run(2.0, 20, 2.5, [[1] * 11, [2] * 11]) + spec.Run(1.0, 10, 1.2, [[3] * 6])
+    assert plain.decode_s == 3.0 and plain.decode_tokens == 30 and len(plain.outputs) == 3
+    fast = spec.Run(1.0, 30, 1.4, [[1] * 11, [2] * 11, [3] * 5], num_drafts=10, num_draft_tokens=40,
+                    num_accepted_tokens=20)
+    fig = spec.figures(plain, fast, 1, 8)
+    assert fig["plain"]["decode_tokens_per_s"] == 10.0 and fig["spec"]["decode_tokens_per_s"] == 30.0
+    assert fig["speedup"] == 3.0 and fig["mean_accepted_length"] == 3.0 and fig["acceptance_rate"] == 0.5
+    assert fig["plain"]["output_tokens"] == 28 and fig["plain"]["output_tokens_per_request"] == [11, 11, 6]
+    assert fig["mismatches"] == [{"request": 2, "first_difference": 5, "plain_tokens": 6, "spec_tokens": 5}]
+    row = spec.table_row({"method": "ngram", "prompts": "code", **fig})
+    assert row == ["ngram", "code", 1, "on", 10.0, 30.0, "3.00x", 3.0, 0.5, 28, "NO: 1/3 differ"]
+    assert len(row) == len(spec.HEADERS)
+    # no drafts (speculation off): no acceptance figures, not zeros
+    off = spec.figures(plain, spec.Run(3.0, 30, 4.0, plain.outputs), 32, 8)
+    assert off["mean_accepted_length"] is None and off["acceptance_rate"] is None
+    assert spec.table_row({"method": "m", "prompts": "chat", **off})[3:] == \
+        ["off (>8)", 10.0, 10.0, "1.00x", None, None, 28, "yes"]
+
+
+# ---- end to end on a tiny random model ---------------------------------------------------------
+
+def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
+    out = tmp_path / "spec.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "paraserve.server.cli", "bench", "spec",
+         "--model", str(tiny_model_dir("llama")),
+         "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "512", "--threads", "1",
+         "--batch-sizes", "1,3", "--num-prompts", "2", "--output-len", "12",
+         "--speculative-config", '{"disable_by_batch_size": 2}', "--output-json", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert "paraserve bench spec: model " in r.stdout and "torch threads" in r.stdout
+    # no drafter ships for the tiny model: redrafter is skipped with a note, ngram still runs
+    assert "note: skipping redrafter: no drafter ships" in r.stderr
+    assert "skipped redrafter" in r.stdout and "spec" in r.stderr  # the note and the progress bar
+    data = json.loads(out.read_text())
+    res = data["results"]
+    assert data["benchmark"] == "spec" and list(res["skipped"]) == ["redrafter"]
+    assert res["greedy_identical"] is True and res["prompt_sets"] == {"chat": 32, "code": 32}
+    assert res["speculative_configs"]["ngram"]["disable_by_batch_size"] == 2
+    runs = res["runs"]
+    assert [(x["prompts"], x["batch_size"], x["requests"]) for x in runs] == \
+        [("chat", 1, 2), ("chat", 3, 3), ("code", 1, 2), ("code", 3, 3)]
+    for x in runs:
+        assert x["mismatches"] == []
+        assert x["plain"]["output_tokens_per_request"] == x["spec"]["output_tokens_per_request"]
+        assert all(1 <= n <= 12 for n in x["plain"]["output_tokens_per_request"])
+        assert x["plain"]["decode_tokens_per_s"] > 0 and x["spec"]["decode_tokens_per_s"] > 0
+    on = [x for x in runs if x["batch_size"] == 1]
+    assert all(x["speculation"] == "on" and x["num_drafts"] > 0 and x["mean_accepted_length"] >= 1
+               for x in on)
+    # batch 3 > disable_by_batch_size 2: off (until EOS leaves 2 or fewer running: "tail on")
+    assert all(x["speculation"].startswith("off (>2)") for x in runs if x["batch_size"] == 3)
+    assert [row[-1] for row in data["table"]["rows"]] == ["yes"] * 4
+
+
+def test_a_correctness_failure_makes_the_command_exit_1(monkeypatch):
+    import paraserve.bench as bench
+    from paraserve.bench import report as rp
+
+    machine = {"cpu_model": "c", "cpu_count": 1, "torch_threads": 1, "torch_version": "t",
+               "transformers_version": "t", "dtype": "float32", "model": "m"}
+    for ok, code in ((True, 0), (False, 1)):
+        report = rp.Report("spec", machine, {}, ["a"], [], {}, ok=ok)
+        monkeypatch.setattr(spec, "run", lambda args, report=report: report)
+        monkeypatch.setattr(rp, "write_json", lambda report, path: None)
+        assert bench.main(argparse.Namespace(bench_command="spec", output_json="x.json")) == code
