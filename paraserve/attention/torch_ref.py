@@ -26,13 +26,22 @@ class TorchAttentionBackend(AttentionBackend):
                meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if not meta.other_reqs:  # all decodes, in batch order: no scatter into `out` needed
             return self._decode_attention(q, kv_cache, meta, scale)
-        kvh, d = kv_cache.shape[-2:]
-        k_flat = kv_cache[0].view(-1, kvh, d)  # [num_slots, KVH, D]
-        v_flat = kv_cache[1].view(-1, kvh, d)
         out = torch.empty_like(q)
         if meta.decode_reqs.numel():
             out[meta.decode_tokens] = self._decode_attention(q[meta.decode_tokens], kv_cache, meta, scale)
+        self._attend_chunks(q, k, v, kv_cache, meta, scale, out)
+        return out
+
+    def _attend_chunks(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                       meta: AttentionMetadata, scale: float, out: torch.Tensor,
+                       skip: frozenset[int] = frozenset()) -> None:
+        """Prefill chunks and trees (those not in `skip`), one SDPA each, written into `out`."""
+        kvh, d = kv_cache.shape[-2:]
+        k_flat = kv_cache[0].view(-1, kvh, d)  # [num_slots, KVH, D]
+        v_flat = kv_cache[1].view(-1, kvh, d)
         for i, (s, e, slots, mask) in zip(meta.other_reqs, self._extend_plan(meta, kv_cache.shape[2])):
+            if i in skip:
+                continue
             qi = q[s:e].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if slots is None:  # a fresh prompt: its keys are exactly the new ones
                 ki, vi = k[s:e], v[s:e]
@@ -42,7 +51,6 @@ class TorchAttentionBackend(AttentionBackend):
                 qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
                 attn_mask=mask, is_causal=slots is None, scale=scale, enable_gqa=True)
             out[s:e] = o.squeeze(0).transpose(0, 1)
-        return out
 
     def _decode_attention(self, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
                           scale: float) -> torch.Tensor:

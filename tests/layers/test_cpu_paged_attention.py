@@ -122,7 +122,8 @@ def forward_both(dtype, h, kvh, d):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_backend_matches_reference_on_a_mixed_batch(kernel, dtype):
     ref, ref_cache, outs, cache, meta = forward_both(dtype, 9, 3, 64)
-    assert "cpu_decode_tables" in meta.scratch, "the decode group did not go through the kernel"
+    plan = meta.scratch["cpu_plan"]  # decodes and the tree went through the kernel
+    assert plan.rows.tolist() == [9, 10, 18, 19, 20, 21, 22, 23] and plan.tree_reqs == {4}
     for out in outs:
         torch.testing.assert_close(out, ref, **TOL[dtype])
     torch.testing.assert_close(cache, ref_cache, atol=0, rtol=0)
@@ -155,3 +156,27 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
         cpu.logger.removeHandler(handler)
     warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1 and "using plain torch" in warnings[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_accepted_tree_path_attends_exactly_as_decoding(kernel, dtype):
+    """Node j of a chain verified as a tree sees the same keys in the same order as a decode at
+    that position: the outputs are bit-identical, which keeps greedy output unchanged by
+    speculation in bfloat16 too. The chain's nodes sit in scattered (non-consecutive) slots."""
+    torch.manual_seed(1)
+    kvh, h, d, ctx, n = 3, 9, 64, 37, 4
+    cache, tables, _ = scattered_cache([ctx + 2 * n], kvh, d, dtype, fill=0.0)
+    cache.view(2, -1, kvh, d).normal_()
+    q = torch.randn(n, h, d).to(dtype)
+    flat = tables[0, torch.arange(ctx + 2 * n) // BS] * BS + torch.arange(ctx + 2 * n) % BS
+    tree_slots = flat[ctx:ctx + 2 * n:2]  # the tree's nodes, every other slot after the context
+    chain = torch.ones(n, n, dtype=torch.bool).tril()
+    extra = torch.stack([torch.where(chain[j], tree_slots, 0) for j in range(n)])
+    out = cpu_paged.paged_decode_attention(q, cache[0], cache[1], tables.expand(n, -1), torch.full((n,), ctx),
+                                           0.125, extra, chain.sum(1))
+    for j in range(n):  # plain decode of position ctx + j, its path copied where decoding keeps it
+        decoded = cache.clone()
+        decoded.view(2, -1, kvh, d)[:, flat[ctx:ctx + j + 1]] = cache.view(2, -1, kvh, d)[:, tree_slots[:j + 1]]
+        ref = cpu_paged.paged_decode_attention(q[j:j + 1], decoded[0], decoded[1], tables, torch.tensor([ctx + j + 1]),
+                                               0.125)
+        torch.testing.assert_close(out[j:j + 1], ref, atol=0, rtol=0)

@@ -7,7 +7,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace paraserve;
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("paged_decode_attention", &paged_decode_attention,
-        "paged decode attention (q, k_cache, v_cache, block_tables, seq_lens, scale) -> out", nogil);
+        "paged decode attention (q, k_cache, v_cache, block_tables, seq_lens, scale, extra_slots=None, "
+        "extra_lens=None) -> out",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
+        py::arg("scale"), py::arg("extra_slots") = py::none(), py::arg("extra_lens") = py::none(), nogil);
   m.def("small_m_linear", &small_m_linear, "x @ w.T (+ bias) for a few rows of x", nogil);
   m.def("rms_norm", &rms_norm, "(x, residual or None, weight, eps) -> normed; residual += x in place", nogil);
   m.def("rope_and_cache", &rope_and_cache,

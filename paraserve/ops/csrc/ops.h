@@ -10,9 +10,13 @@
 namespace paraserve {
 
 // q [B, H, D], k/v_cache [num_blocks, block_size, KVH, D], block_tables [B, max_blocks] int64,
-// seq_lens [B] int64 -> [B, H, D]; float32 or bfloat16 (bf16 accumulates in float32).
+// seq_lens [B] int64 -> [B, H, D]; float32 or bfloat16 (bf16 accumulates in float32). Query b
+// reads seq_lens[b] tokens through its block table, then (when given) the extra_lens[b] flat
+// cache slots extra_slots[b, :extra_lens[b]]: a tree node's ancestors.
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale);
+                                  const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
+                                  const std::optional<at::Tensor>& extra_slots,
+                                  const std::optional<at::Tensor>& extra_lens);
 
 // x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] for a few rows M: streams w once from memory.
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);

@@ -6,6 +6,11 @@
 // head (running max and sum, the accumulator rescaled when the max grows). The G = H / KVH query
 // heads sharing a KV head all use each tile of K/V rows while it sits in L1, so every row comes
 // from memory once.
+//
+// Tree verification uses the same walk: a draft-tree node is a query whose keys are its
+// request's context (through the block table) followed by its ancestors' slots in depth order
+// (`extra`). On the accepted path that is exactly the key sequence plain decoding would see, in
+// the same tiles, so verification reproduces decoding's numbers bit for bit.
 #include "ops.h"
 #include "vec.h"
 
@@ -26,10 +31,15 @@ struct Problem {
   const T* v;
   int64_t k_blk, k_row, k_head, v_blk, v_row, v_head;
   const int64_t* tables;  // [B, max_blocks] contiguous
-  const int64_t* seq_lens;  // [B]
+  const int64_t* seq_lens;  // [B] tokens read through the block table
+  const int64_t* extra;  // [B, extra_stride] slots read after them, or nullptr
+  const int64_t* extra_lens;  // [B], or nullptr
+  int64_t extra_stride;
   T* out;  // [B, H, D] contiguous
   int64_t batch, heads, kv_heads, head_dim, block_size, max_blocks;
   float scale;
+
+  int64_t length(int64_t b) const { return seq_lens[b] + (extra_lens ? extra_lens[b] : 0); }
 };
 
 // Per-thread state of one (request, KV head): its G query heads, their accumulators and running
@@ -42,15 +52,19 @@ struct Scratch {
   Scratch(int64_t g, int64_t d) : q(g * d / kLanes), acc(g * d / kLanes), m(g), l(g), krows(kLanes), vrows(kLanes) {}
 };
 
-// Row pointers of tokens [t0, t0 + n) of one request and KV head; the tile's unused slots repeat
+// Row pointers of tokens [t0, t0 + n) of query b and KV head h; the tile's unused slots repeat
 // its first row, so scoring a full tile reads valid memory (those lanes are masked).
 template <typename T>
-void tile_rows(const Problem<T>& p, int64_t h, const int64_t* table, int64_t t0, int64_t n, Scratch<T>& w) {
-  int64_t blk = t0 / p.block_size, off = t0 % p.block_size;
+void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, Scratch<T>& w) {
+  const int64_t* table = p.tables + b * p.max_blocks;
+  const int64_t ctx = p.seq_lens[b];
   for (int64_t i = 0; i < n; ++i) {
-    w.krows[i] = p.k + table[blk] * p.k_blk + off * p.k_row + h * p.k_head;
-    w.vrows[i] = p.v + table[blk] * p.v_blk + off * p.v_row + h * p.v_head;
-    if (++off == p.block_size) off = 0, ++blk;
+    const int64_t t = t0 + i;
+    const int64_t slot = t < ctx ? table[t / p.block_size] * p.block_size + t % p.block_size
+                                 : p.extra[b * p.extra_stride + t - ctx];
+    const int64_t blk = slot / p.block_size, off = slot % p.block_size;
+    w.krows[i] = p.k + blk * p.k_blk + off * p.k_row + h * p.k_head;
+    w.vrows[i] = p.v + blk * p.v_blk + off * p.v_row + h * p.v_head;
   }
   std::fill(w.krows.begin() + n, w.krows.end(), w.krows[0]);
 }
@@ -99,19 +113,18 @@ void accumulate(vec p, const T* const* rows, int64_t n, int64_t nc_rt, vec* acc_
   }
 }
 
-// One request b, one KV head h: its G query heads attend over the request's seq_lens[b] tokens.
+// One query b, one KV head h: its G query heads attend over the query's tokens.
 template <int64_t kC, typename T>
 void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
   const int64_t nc = kC ? kC : p.head_dim / kLanes, g_heads = p.heads / p.kv_heads;
-  const int64_t len = p.seq_lens[b], offset = (b * p.heads + h * g_heads) * p.head_dim;
-  const int64_t* table = p.tables + b * p.max_blocks;
+  const int64_t len = p.length(b), offset = (b * p.heads + h * g_heads) * p.head_dim;
   for (int64_t c = 0; c < g_heads * nc; ++c) w.q[c] = load(p.q + offset + c * kLanes) * p.scale;
   std::fill(w.acc.begin(), w.acc.end(), vec{});
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int64_t n = std::min(kLanes, len - t0);
-    tile_rows(p, h, table, t0, n, w);
+    tile_rows(p, b, h, t0, n, w);
     for (int64_t g = 0; g < g_heads; ++g) {
       vec s = score<kC>(w.q.data() + g * nc, w.krows.data(), nc);
       s = lane_index(Lanes{}) < static_cast<int32_t>(n) ? s : splat(-std::numeric_limits<float>::infinity());
@@ -150,11 +163,27 @@ void dispatch(const Problem<T>& p, int num_threads) {
 
 template <typename T>
 Problem<T> problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
-                   const at::Tensor& seq_lens, double scale, at::Tensor& out) {
+                   const at::Tensor& seq_lens, const std::optional<at::Tensor>& extra,
+                   const std::optional<at::Tensor>& extra_lens, double scale, at::Tensor& out) {
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(),
           k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-          tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(), out.data_ptr<T>(),
+          tables.data_ptr<int64_t>(), seq_lens.data_ptr<int64_t>(),
+          extra ? extra->data_ptr<int64_t>() : nullptr, extra_lens ? extra_lens->data_ptr<int64_t>() : nullptr,
+          extra ? extra->size(1) : 0, out.data_ptr<T>(),
           q.size(0), q.size(1), k.size(2), q.size(2), k.size(1), tables.size(1), static_cast<float>(scale)};
+}
+
+// Trailing slots of each query must lie in the cache.
+void check_extra(const at::Tensor& extra, const at::Tensor& extra_lens, int64_t num_slots) {
+  const int64_t* ep = extra.data_ptr<int64_t>();
+  const int64_t* lp = extra_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < extra.size(0); ++b) {
+    TORCH_CHECK(lp[b] >= 0 && lp[b] <= extra.size(1), "extra_lens[", b, "] = ", lp[b], " is out of range");
+    for (int64_t i = 0; i < lp[b]; ++i) {
+      TORCH_CHECK(ep[b * extra.size(1) + i] >= 0 && ep[b * extra.size(1) + i] < num_slots,
+                  "extra slot ", ep[b * extra.size(1) + i], " is outside the cache");
+    }
+  }
 }
 
 // Every block a request will read must lie in the cache: a bad table would read out of bounds.
@@ -176,7 +205,9 @@ void check_tables(const at::Tensor& tables, const at::Tensor& seq_lens, int64_t 
 
 at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_cache,
                                   const at::Tensor& v_cache, const at::Tensor& block_tables,
-                                  const at::Tensor& seq_lens_in, double scale) {
+                                  const at::Tensor& seq_lens_in, double scale,
+                                  const std::optional<at::Tensor>& extra_in,
+                                  const std::optional<at::Tensor>& extra_lens_in) {
   TORCH_CHECK(q_in.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
               "expected q [B, H, D] and k/v caches [num_blocks, block_size, KVH, D]");
   TORCH_CHECK(q_in.device().is_cpu() && k_cache.device().is_cpu() && v_cache.device().is_cpu(),
@@ -195,11 +226,23 @@ at::Tensor paged_decode_attention(const at::Tensor& q_in, const at::Tensor& k_ca
   const at::Tensor tables = block_tables.contiguous();
   const at::Tensor seq_lens = seq_lens_in.contiguous();
   check_tables(tables, seq_lens, k_cache.size(0), k_cache.size(1));
+  TORCH_CHECK(extra_in.has_value() == extra_lens_in.has_value(), "give both extra_slots and extra_lens, or neither");
+  std::optional<at::Tensor> extra, extra_lens;
+  if (extra_in) {
+    TORCH_CHECK(extra_in->dim() == 2 && extra_in->size(0) == q_in.size(0) && extra_in->scalar_type() == at::kLong &&
+                    extra_lens_in->dim() == 1 && extra_lens_in->size(0) == q_in.size(0) &&
+                    extra_lens_in->scalar_type() == at::kLong,
+                "expected extra_slots [B, E] and extra_lens [B], both int64");
+    extra = extra_in->contiguous();
+    extra_lens = extra_lens_in->contiguous();
+    check_extra(*extra, *extra_lens, k_cache.size(0) * k_cache.size(1));
+  }
   at::Tensor out = at::empty_like(q);
   if (q.scalar_type() == at::kFloat) {
-    dispatch(problem<float>(q, k_cache, v_cache, tables, seq_lens, scale, out), at::get_num_threads());
+    dispatch(problem<float>(q, k_cache, v_cache, tables, seq_lens, extra, extra_lens, scale, out), at::get_num_threads());
   } else if (q.scalar_type() == at::kBFloat16) {
-    dispatch(problem<at::BFloat16>(q, k_cache, v_cache, tables, seq_lens, scale, out), at::get_num_threads());
+    dispatch(problem<at::BFloat16>(q, k_cache, v_cache, tables, seq_lens, extra, extra_lens, scale, out),
+             at::get_num_threads());
   } else {
     TORCH_CHECK(false, "paged_decode_attention supports float32 and bfloat16, not ", q.scalar_type());
   }

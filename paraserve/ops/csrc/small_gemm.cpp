@@ -100,7 +100,7 @@ void pass(const Gemm& g, const T* x, const T* w, const T* bias, T* out, int64_t 
   };
   int64_t n = n0;
   for (; n + R <= n1; n += R) {
-    const int64_t ahead = std::min(n + kPrefetchTiles * R, n1 - R);
+    const int64_t ahead = std::min(n + kPrefetchTiles * R, g.n - R);  // may run into the next band
     tile_dot<M, R>(x, g.ldx, w + n * g.k, w + ahead * g.k, g.k, acc);
     emit(n, R, R);
   }
@@ -128,6 +128,14 @@ void run_band(const Gemm& g, const T* x, const T* w, const T* bias, T* out, int6
   }
 }
 
+// Rows [n0, n1) of w for all M inputs. Past kMaxM inputs each band of w is passed over several
+// times: bands small enough to stay in L2 keep those passes from reading w from memory again.
+template <typename T>
+void run_rows(const Gemm& g, const T* x, const T* w, const T* bias, T* out, int64_t n0, int64_t n1) {
+  constexpr int64_t kL2Band = 64;
+  for (int64_t b = n0; b < n1; b += kL2Band) run_band<T>(g, x, w, bias, out, b, std::min(b + kL2Band, n1));
+}
+
 template <typename T>
 void run(const Gemm& g, const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
          at::Tensor& out) {
@@ -137,7 +145,7 @@ void run(const Gemm& g, const at::Tensor& x, const at::Tensor& w, const std::opt
   T* op = out.data_ptr<T>();
   constexpr int64_t kBand = 16;  // rows per scheduling unit, a multiple of every tile height
   at::parallel_for(0, (g.n + kBand - 1) / kBand, 1, [&](int64_t b0, int64_t b1) {
-    run_band<T>(g, xp, wp, bp, op, b0 * kBand, std::min(b1 * kBand, g.n));
+    run_rows<T>(g, xp, wp, bp, op, b0 * kBand, std::min(b1 * kBand, g.n));
   });
 }
 
