@@ -204,17 +204,26 @@ def process_logits(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
     return x
 
 
-def _sample(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then the exponential race. Modifies x."""
+def sampling_probs(x: torch.Tensor, meta: SamplingMetadata, normalize: bool = True) -> torch.Tensor:
+    """The distribution a random row is drawn from: x [B, V] float32 logits after process_logits
+    (modified in place) -> temperature, top-k, top-p, min-p -> probabilities [B, V]. Speculative
+    verification uses it too, so sampling and verification cannot drift apart."""
     x.div_(meta.temperature.unsqueeze(1))
     if meta.top_k is not None or meta.top_p is not None:
         x = _apply_top_k_top_p(x, meta.top_k, meta.top_p)
     probs = x.softmax(-1)  # [B, V]
     if meta.min_p is not None:
         threshold = meta.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)  # [B, 1]
-        # no renormalisation needed: the race below is invariant to scaling a row
         probs = probs.masked_fill(probs < threshold, 0.0)
-    return _exponential_race(probs, meta.generators)
+        if normalize:
+            probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def _sample(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
+    """Temperature, top-k, top-p, min-p, then the exponential race. Modifies x."""
+    # no renormalisation needed: the race is invariant to scaling a row
+    return _exponential_race(sampling_probs(x, meta, normalize=False), meta.generators)
 
 
 def _apply_top_k_top_p(x: torch.Tensor, top_k: Optional[torch.Tensor],

@@ -19,10 +19,8 @@ from typing import Optional, Sequence
 import torch
 
 from paraserve.config import SpecConfig
-# _apply_top_k_top_p is the sampler's own top-k/top-p, reused so that verification and sampling
-# cannot drift apart; it should become public (e.g. a Sampler.probs()) in layers/sampler.py
-from paraserve.layers.sampler import (SamplingMetadata, SamplingRow, _apply_top_k_top_p, argmax,
-                                      process_logits)
+from paraserve.layers.sampler import (SamplingMetadata, SamplingRow, argmax, process_logits,
+                                      sampling_probs)
 from paraserve.sampling_params import SamplingParams
 from paraserve.spec_decode.proposer import Proposer, get_proposer
 from paraserve.spec_decode.rejection_sampler import VerifyOutput, verify_greedy, verify_sampling
@@ -81,17 +79,8 @@ class Speculator:
 
 
 def target_probs(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """The distribution Sampler draws from, normalised: x [R, V] float32 logits after
-    process_logits (modified in place) -> temperature, top-k, top-p, min-p -> [R, V]."""
-    x.div_(meta.temperature.unsqueeze(1))
-    if meta.top_k is not None or meta.top_p is not None:
-        x = _apply_top_k_top_p(x, meta.top_k, meta.top_p)
-    probs = x.softmax(-1)  # [R, V]
-    if meta.min_p is not None:
-        threshold = meta.min_p.unsqueeze(1) * probs.amax(-1, keepdim=True)  # [R, 1]
-        probs = probs.masked_fill(probs < threshold, 0.0)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    """The normalised distribution Sampler draws from (x is modified in place)."""
+    return sampling_probs(x, meta)
 
 
 def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) -> Proposer:
