@@ -61,13 +61,67 @@ class SchedulerConfig:
             raise ConfigError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
 
 
+EXECUTOR_BACKENDS = ("mp", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
-    tensor_parallel_size: int = _f(1, "tensor parallel ranks")
+    """How many processes run the model and how it is split over them (vLLM's flags). World size
+    = tensor x context parallel; experts are partitioned over `expert_parallel_size` of them."""
+    tensor_parallel_size: int = _f(1, "tensor parallel ranks: attention heads, MLP and vocabulary split")
+    context_parallel_size: int = _f(1, "context parallel ranks (a power of two): prefill split zigzag "
+                                       "with ring attention, the KV cache striped over them")
+    cp_local_size: Optional[int] = _f(None, "CP ranks per node for the two-level BurstAttention ring "
+                                            "(default: one flat ring)")
+    enable_expert_parallel: bool = _f(False, "partition MoE experts over every rank instead of "
+                                             "splitting each expert over the tensor parallel ranks")
+    expert_parallel_size: Optional[int] = _f(None, "ranks the MoE experts are partitioned over "
+                                                   "(default: 1, or all with --enable-expert-parallel)")
+    num_redundant_experts: int = _f(0, "extra replicas of the hottest experts (EPLB-style placement)")
+    distributed_executor_backend: Optional[str] = _f(
+        None, "how worker processes are run: mp (this host) or ray (a Ray cluster, may span hosts); "
+              "default: in-process for one rank, mp otherwise", choices=EXECUTOR_BACKENDS)
 
     def __post_init__(self) -> None:
-        if self.tensor_parallel_size != 1:
-            raise ConfigError("--tensor-parallel-size > 1 is not supported yet")
+        for name in ("tensor_parallel_size", "context_parallel_size", "expert_parallel_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.num_redundant_experts < 0:
+            raise ConfigError(f"--num-redundant-experts must be >= 0, got {self.num_redundant_experts}")
+        cp = self.context_parallel_size
+        if cp & (cp - 1):
+            raise ConfigError(f"--context-parallel-size must be a power of two, got {cp}")
+        if self.cp_local_size is not None and (self.cp_local_size < 1 or cp % self.cp_local_size):
+            raise ConfigError(f"--cp-local-size {self.cp_local_size} must divide --context-parallel-size {cp}")
+        if self.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+            raise ConfigError(f"--distributed-executor-backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
+                              f"got {self.distributed_executor_backend!r}")
+        layout = self.layout()  # raises ConfigError for layouts that do not fit together
+        if self.num_redundant_experts and layout.ep == 1:
+            raise ConfigError("--num-redundant-experts needs expert parallelism "
+                              "(--enable-expert-parallel or --expert-parallel-size > 1)")
+        if cp > 1 and layout.ep > 1:
+            raise ConfigError("context parallelism with expert parallelism is not supported yet")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.context_parallel_size
+
+    @property
+    def executor_backend(self) -> Optional[str]:
+        """None: the one worker runs in the engine's own process."""
+        if self.distributed_executor_backend is None and self.world_size == 1:
+            return None
+        return self.distributed_executor_backend or "mp"
+
+    def layout(self):
+        """The ParallelLayout (distributed.parallel_state) of these sizes."""
+        from paraserve.distributed.parallel_state import ParallelLayout
+
+        return ParallelLayout.build(self.world_size, self.tensor_parallel_size,
+                                    self.context_parallel_size, self.expert_parallel_size,
+                                    self.enable_expert_parallel)
 
 
 @dataclass(frozen=True)
@@ -195,6 +249,16 @@ class EngineConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     speculative: Optional[SpecConfig] = None  # engine argument `speculative_config`
+
+    def __post_init__(self) -> None:
+        if self.speculative is not None and self.parallel.context_parallel_size > 1:
+            raise ConfigError("speculative decoding with --context-parallel-size > 1 is not supported yet")
+
+    @property
+    def kv_block_tokens(self) -> int:
+        """Tokens in one scheduler block: with context parallelism a block spans the CP ranks,
+        each storing --block-size of its positions."""
+        return self.cache.block_size * self.parallel.context_parallel_size
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "EngineConfig":

@@ -18,6 +18,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "concurrent streaming clients against `paraserve serve`: TTFT, TPOT, tokens/s"),
     "prefix": ("paraserve.bench.prefix",
                "time to first token with and without prefix caching on a shared system prompt"),
+    "parallel": ("paraserve.bench.parallel",
+                 "each parallel layout (tp, ep, cp, ...) vs the one-process engine: identical tokens, "
+                 "bytes per collective per step; ring attention: error and communication hidden"),
     "spec": ("paraserve.bench.spec",
              "speculative decoding (ngram, redrafter) vs plain decoding of the same engine: decode "
              "speedup, accepted length, greedy outputs identical"),

@@ -4,11 +4,15 @@ Ring send/recv for context parallelism lives in ring.py.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
-from paraserve.distributed.parallel_state import GroupInfo
+from paraserve.distributed.parallel_state import GroupInfo, get_comm_stats
+
+
+def _nbytes(x: torch.Tensor) -> int:
+    return x.numel() * x.element_size()
 
 
 def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
@@ -17,6 +21,7 @@ def all_reduce(x: torch.Tensor, group: GroupInfo) -> torch.Tensor:
         return x
     import torch.distributed as dist
 
+    get_comm_stats().add("all_reduce", 2 * (group.size - 1) / group.size * _nbytes(x))
     dist.all_reduce(x, group=group.group)
     return x
 
@@ -30,6 +35,7 @@ def all_gather(x: torch.Tensor, group: GroupInfo, dim: int = -1,
     import torch.distributed as dist
 
     dim = dim % x.dim()
+    get_comm_stats().add("all_gather", (group.size - 1) * _nbytes(x))
     if sizes is None:
         parts = [torch.empty_like(x) for _ in range(group.size)]
         dist.all_gather(parts, x.contiguous(), group=group.group)
@@ -56,6 +62,8 @@ def all_to_all(x: torch.Tensor, group: GroupInfo, output_splits: Sequence[int],
     import torch.distributed as dist
 
     out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    row = _nbytes(x) // max(x.shape[0], 1)
+    get_comm_stats().add("all_to_all", (sum(input_splits) - input_splits[group.rank]) * row)
     dist.all_to_all_single(out, x.contiguous(), list(output_splits), list(input_splits),
                            group=group.group)
     return out
@@ -69,5 +77,33 @@ def exchange_counts(send_counts: torch.Tensor, group: GroupInfo) -> torch.Tensor
     import torch.distributed as dist
 
     out = torch.empty_like(send_counts)
+    get_comm_stats().add("all_to_all (counts)", (group.size - 1) / group.size * _nbytes(send_counts))
     dist.all_to_all_single(out, send_counts.contiguous(), group=group.group)
     return out
+
+
+def broadcast(x: torch.Tensor, group: GroupInfo, src: int = 0) -> torch.Tensor:
+    """Every rank gets group rank `src`'s x (same shape and dtype everywhere), in place."""
+    if group.size == 1:
+        return x
+    import torch.distributed as dist
+
+    if group.rank == src:
+        get_comm_stats().add("broadcast", (group.size - 1) * _nbytes(x))
+    dist.broadcast(x, src=group.ranks[src], group=group.group)
+    return x
+
+
+def broadcast_object(obj: Any, group: GroupInfo, src: int = 0) -> Any:
+    """Group rank `src`'s picklable obj on every rank (others pass anything, e.g. None)."""
+    if group.size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    if group.rank == src:
+        import pickle
+
+        get_comm_stats().add("broadcast (objects)", (group.size - 1) * len(pickle.dumps(obj)))
+    dist.broadcast_object_list(box, src=group.ranks[src], group=group.group)
+    return box[0]

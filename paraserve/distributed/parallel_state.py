@@ -9,15 +9,18 @@ MoE layers use two more groups. `ep`: the ranks among which the experts are part
 `etp`: the ranks that hold the same experts and split each expert's intermediate dimension (all
 of tp when experts are not partitioned, size 1 when `enable_expert_parallel` spreads them over
 every rank). Etp peers always sit in one tp group, so they see the same tokens.
+
+`mp` (model parallel): the tp x cp ranks of one dp index, which run one batch together; the model
+runner's rank 0 in it samples and the others take its tokens (so their states cannot drift).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from paraserve.config import ConfigError
 
-GROUP_NAMES = ("tp", "cp", "dp", "ep", "etp")
+GROUP_NAMES = ("tp", "cp", "dp", "ep", "etp", "mp")
 
 
 @dataclass(frozen=True)
@@ -93,7 +96,27 @@ class ParallelLayout:
             return [tuple(e * self.etp + j for e in range(self.ep)) for j in range(self.etp)]
         if name == "etp":
             return [tuple(range(b, b + self.etp)) for b in range(0, n, self.etp)]
+        if name == "mp":
+            return [tuple(range(b, b + tp * cp)) for b in range(0, n, tp * cp)]
         raise ValueError(f"unknown group {name!r}; groups are {GROUP_NAMES}")
+
+
+@dataclass
+class CommStats:
+    """What this rank's collectives sent since the last reset: per collective, calls and bytes
+    on the wire from this rank, as the usual algorithms move them (ring all-reduce 2(n-1)/n of
+    the tensor, all-gather (n-1) x its part, all-to-all the rows bound for other ranks, a
+    broadcast's source (n-1) x the tensor). Collectives of size-1 groups send nothing."""
+    calls: dict[str, int] = field(default_factory=dict)
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, nbytes: float) -> None:
+        self.calls[name] = self.calls.get(name, 0) + 1
+        self.bytes_sent[name] = self.bytes_sent.get(name, 0) + int(nbytes)
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.bytes_sent.clear()
 
 
 class _State:
@@ -101,6 +124,7 @@ class _State:
         self.groups: dict[str, GroupInfo] = {}
         self.layout: Optional[ParallelLayout] = None
         self.owned: list[object] = []  # subgroups we created and must destroy
+        self.comm = CommStats()
 
 
 _state = _State()
@@ -184,6 +208,14 @@ def get_ep_group() -> GroupInfo:
 
 def get_etp_group() -> GroupInfo:
     return _get("etp")
+
+
+def get_comm_stats() -> CommStats:
+    return _state.comm
+
+
+def get_mp_group() -> GroupInfo:
+    return _get("mp")
 
 
 def tp_size() -> int:

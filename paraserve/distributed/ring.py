@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from paraserve.distributed.parallel_state import get_comm_stats
+
 
 @dataclass
 class RingStats:
@@ -134,6 +136,7 @@ def two_level_rings(group: Optional[dist.ProcessGroup], ranks: Sequence[int],
 def all_gather_stacked(x: torch.Tensor, group: Optional[dist.ProcessGroup],
                        size: int) -> torch.Tensor:
     """[*shape] on each rank -> [size, *shape], stacked in group-rank order."""
+    get_comm_stats().add("all_gather", (size - 1) * x.numel() * x.element_size())
     parts = [torch.empty_like(x) for _ in range(size)]
     dist.all_gather(parts, x.contiguous(), group=group)
     return torch.stack(parts)

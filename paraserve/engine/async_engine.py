@@ -103,9 +103,11 @@ class AsyncLLM:
         self._commands.put(lambda: self.engine.abort_request([request_id]))
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread, then the workers (also on the server's SIGTERM path)."""
         self._stop.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout)
+        self.engine.shutdown()
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -135,6 +137,8 @@ class AsyncLLM:
             while not self._stop.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if not self.engine.has_unfinished_requests():
+                    # a worker that dies while nothing runs fails /health now, not at the next request
+                    self.engine.check_health()
                     continue
                 t0 = time.monotonic()
                 outputs = self.engine.step()
@@ -142,6 +146,10 @@ class AsyncLLM:
         except BaseException as e:  # the engine is broken: fail every request, clearly
             logger.exception("engine loop died")
             self.dead = e
+            try:
+                self.engine.shutdown()  # no worker outlives the engine
+            except Exception:
+                logger.exception("stopping the workers failed")
             with self._lock:
                 ids = list(self._streams)
             for rid in ids:

@@ -10,10 +10,11 @@ from paraserve.config import ConfigError, EngineConfig
 from paraserve.core.outputs import RequestOutput
 from paraserve.core.request import Request, RequestStatus
 from paraserve.core.scheduler import Scheduler, SpecDecodingStats
+from paraserve.engine.executor import make_executor
 from paraserve.engine.output_processor import OutputProcessor
 from paraserve.models.loader import load_hf_config, load_tokenizer, resolve_model
+from paraserve.models.registry import check_parallel
 from paraserve.sampling_params import SamplingParams
-from paraserve.worker.worker import Worker
 
 logger = logging.getLogger("paraserve")
 
@@ -29,19 +30,22 @@ class LLMEngine:
         self.config = config
         self.source = resolve_model(config.model.model)
         self.hf_config = load_hf_config(self.source)
+        # a layout the model cannot take fails here, in one line, before any worker starts
+        check_parallel(self.hf_config, config.parallel.layout(), config.parallel.num_redundant_experts)
         self.tokenizer = load_tokenizer(self.source)
         self.max_model_len = self._max_model_len()
         self.model_name = config.model.served_model_name or self.source.name
-        self.worker = Worker(config, self.source, self.hf_config, self.max_model_len)
-        num_blocks = self.worker.num_kv_blocks(self.max_model_len)
-        block_size = config.cache.block_size
-        if num_blocks * block_size < self.max_model_len and config.cache.num_gpu_blocks_override is None:
-            raise ConfigError(
-                f"the KV cache holds {num_blocks * block_size} tokens, fewer than --max-model-len "
-                f"{self.max_model_len}: raise --kv-cache-memory or lower --max-model-len")
-        self.worker.init_kv_cache(num_blocks)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_blocks, self.max_model_len,
-                                   config.speculative)
+        self.executor = make_executor(config, self.source, self.hf_config, self.max_model_len)
+        try:
+            num_blocks = self._init_kv_cache()
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        # the in-process Worker (None when workers run in their own processes)
+        self.worker = getattr(self.executor, "worker", None)
+        block_size = config.kv_block_tokens  # with CP a block spans the CP ranks
+        self.scheduler = Scheduler(config.scheduler, dataclasses.replace(config.cache, block_size=block_size),
+                                   num_blocks, self.max_model_len, config.speculative)
         if config.speculative is not None:
             spec = config.speculative
             logger.info("speculative decoding: %s, up to %d draft tokens per path%s; off while more "
@@ -56,6 +60,17 @@ class LLMEngine:
         logger.info("KV cache: %d blocks x %d tokens = %d tokens (%.1f sequences of %d tokens)",
                     num_blocks, block_size, self.capacity_tokens,
                     self.capacity_tokens / self.max_model_len, self.max_model_len)
+
+    def _init_kv_cache(self) -> int:
+        # every rank must hold the same block ids: the smallest cache any rank can afford
+        num_blocks = min(self.executor.collective_rpc("num_kv_blocks", self.max_model_len))
+        block_size = self.config.kv_block_tokens
+        if num_blocks * block_size < self.max_model_len and self.config.cache.num_gpu_blocks_override is None:
+            raise ConfigError(
+                f"the KV cache holds {num_blocks * block_size} tokens, fewer than --max-model-len "
+                f"{self.max_model_len}: raise --kv-cache-memory or lower --max-model-len")
+        self.executor.collective_rpc("init_kv_cache", num_blocks)
+        return num_blocks
 
     def _max_model_len(self) -> int:
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
@@ -129,6 +144,18 @@ class LLMEngine:
         benchmarks; acceptance_rate and mean_accepted_length derive from them."""
         return dataclasses.replace(self.scheduler.spec_stats)
 
+    def expert_load(self) -> dict[int, list[int]]:
+        """MoE layer -> tokens routed to each expert since start (empty for dense models)."""
+        return self.executor.collective_rpc("expert_load")[0]
+
+    def check_health(self) -> None:
+        """Raise WorkerDiedError when a worker process is gone."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Stop the workers (idempotent); the engine cannot run steps afterwards."""
+        self.executor.shutdown()
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._pending_siblings)
 
@@ -137,7 +164,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One scheduling step; returns the current output of every request that advanced."""
         sched_out = self.scheduler.schedule()
-        runner_out = self.worker.execute_model(sched_out)
+        runner_out = self.executor.execute_model(sched_out)
         self.outputs.process_prompt_logprobs(runner_out)
         touched: dict[str, None] = {}
         for req, new_tokens in self.scheduler.update_from_output(sched_out, runner_out):

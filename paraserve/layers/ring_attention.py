@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,7 @@ from paraserve.distributed.ring import (RingComm, RingStats, all_gather_stacked,
                                         two_level_rings)
 
 PAD_POSITION = -1  # position of a padding slot in a shard; real positions are >= 0
+OnBlock = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]  # (k, v, k_pos) of a ring block
 _NEG_INF = float("-inf")
 
 
@@ -108,12 +109,15 @@ class _Accumulator:
     """Running (out, lse) of the local queries over the K/V blocks seen so far."""
 
     def __init__(self, q: torch.Tensor, q_pos: torch.Tensor, scale: float, causal: bool,
-                 stats: Optional[RingStats]) -> None:
+                 stats: Optional[RingStats], on_block: Optional[OnBlock] = None) -> None:
         self.q, self.q_pos, self.scale, self.causal, self.stats = q, q_pos, scale, causal, stats
+        self.on_block = on_block
         self.out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)  # [Tq, H, D]
         self.lse = torch.full(q.shape[:2], _NEG_INF, dtype=torch.float32, device=q.device)
 
     def add(self, k: torch.Tensor, v: torch.Tensor, k_pos: torch.Tensor) -> None:
+        if self.on_block is not None:
+            self.on_block(k, v, k_pos)
         t0 = time.perf_counter()
         mask = (k_pos != PAD_POSITION).unsqueeze(0)  # [1, Tk]
         if self.causal:
@@ -139,16 +143,18 @@ class _Accumulator:
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
                    k_pos: torch.Tensor, group: GroupInfo, scale: float, *, causal: bool = True,
                    local_size: Optional[int] = None, ranks: Optional[Sequence[int]] = None,
-                   stats: Optional[RingStats] = None) -> torch.Tensor:
+                   stats: Optional[RingStats] = None, on_block: Optional[OnBlock] = None) -> torch.Tensor:
     """Attention of this rank's queries over the K/V of every rank of the CP group.
 
     q [Tq, H, D], k/v [Tk, KVH, D], q_pos [Tq], k_pos [Tk] global positions (any layout:
     zigzag, contiguous, ...; PAD_POSITION for padding). Tk must be equal on all ranks.
     local_size: ranks per node for the two-level BurstAttention ring (None: one flat ring).
     ranks: global ranks of the group in group-rank order (default: asked from torch).
-    stats: accumulates bytes sent and overlap timings. Returns [Tq, H, D] in q's dtype.
+    stats: accumulates bytes sent and overlap timings. on_block(k, v, k_pos): called once with
+    every K/V block this rank sees, its own included (the engine stores the positions it owns
+    into its KV cache shard from there, with no extra transfer). Returns [Tq, H, D] in q's dtype.
     """
-    acc = _Accumulator(q, q_pos, scale, causal, stats)
+    acc = _Accumulator(q, q_pos, scale, causal, stats, on_block)
     if stats is not None:
         stats.calls += 1
     block = [k, v, k_pos]

@@ -1,9 +1,13 @@
 """Prometheus metrics, in a registry of the server's own (no global state)."""
 from __future__ import annotations
 
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from paraserve.engine.async_engine import AsyncLLM, StepRecord
+
+EXPERT_REFRESH_S = 1.0  # per-expert counters are read from the workers at most this often
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80)
 
@@ -42,6 +46,16 @@ class Metrics:
         self.spec_accepted_len = Gauge("paraserve:spec_decode_mean_accepted_length",
                                        "Tokens emitted per verification (accepted drafts + bonus), since start",
                                        labels, registry=r)
+        cfg = engine.engine.hf_config
+        self.moe = bool(getattr(cfg, "num_local_experts", None) or getattr(cfg, "num_experts", None))
+        if self.moe:
+            self.expert_tokens = Counter("paraserve:expert_tokens", "Tokens routed to each expert, per MoE layer",
+                                         labels + ["layer", "expert"], registry=r)
+            self.expert_imbalance = Gauge("paraserve:expert_load_imbalance",
+                                          "Max / mean tokens per expert since start, per MoE layer (1 = balanced)",
+                                          labels + ["layer"], registry=r)
+        self._expert_seen: dict[int, list[int]] = {}
+        self._expert_at = 0.0
         self.name = model_name
         engine.step_listeners.append(self._on_step)
 
@@ -63,6 +77,23 @@ class Metrics:
             total = self.engine.engine.scheduler.spec_stats
             self.spec_acceptance.labels(n).set(total.acceptance_rate)
             self.spec_accepted_len.labels(n).set(total.mean_accepted_length)
+        # read at most once a second, and whenever a request finishes (so an idle server's
+        # counters include every finished request)
+        if self.moe and (time.monotonic() - self._expert_at >= EXPERT_REFRESH_S
+                         or any(o.finished for o in outputs)):
+            self._update_experts()
+
+    def _update_experts(self) -> None:
+        """On the engine thread (a step listener): the workers' counters are read between steps."""
+        self._expert_at = time.monotonic()
+        for layer, counts in self.engine.engine.expert_load().items():
+            seen = self._expert_seen.get(layer, [0] * len(counts))
+            for e, (now, before) in enumerate(zip(counts, seen)):
+                if now > before:
+                    self.expert_tokens.labels(self.name, str(layer), str(e)).inc(now - before)
+            self._expert_seen[layer] = counts
+            mean = sum(counts) / len(counts) if counts else 0
+            self.expert_imbalance.labels(self.name, str(layer)).set(max(counts) / mean if mean else 1.0)
 
     def observe_request(self, prompt_tokens: int, output_tokens: int, ttft: float | None, e2e: float,
                         reasons: list[str]) -> None:

@@ -9,6 +9,13 @@ verification the accepted path's K/V rows are copied to the slots right after th
 there, since each node attended to its ancestors only. The slots of rejected nodes are garbage
 past the new length; the blocks holding only them are released (by the scheduler, and
 mirrored here in the block table).
+
+Several ranks (tensor/context parallel) run one batch together, each with its own runner. They
+compute the same logits, but only the model-parallel group's rank 0 (the source) samples and
+verifies; the others take its tokens, accepted paths and draft trees by broadcast. That keeps
+every runner's token state equal to the source's whatever the sampling: unseeded draws come
+from the source's RNG alone, seeded ones from the source's per-request generators, and no
+rank depends on another computing bit-identical floats. The source's output is the step's.
 """
 from __future__ import annotations
 
@@ -20,10 +27,14 @@ import torch
 from paraserve.attention.backend import AttentionMetadata
 from paraserve.attention.forward_context import forward_context
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput, TopLogprobs
+from paraserve.distributed import comm
+from paraserve.distributed.parallel_state import get_cp_group, get_mp_group
+from paraserve.distributed.ring import RingStats
 from paraserve.layers.sampler import Sampler, SamplingMetadata, SamplingRow, top_logprobs
 from paraserve.sampling_params import SamplingParams
 from paraserve.spec_decode.speculator import Speculator
 from paraserve.spec_decode.tree import DraftTree, PackedTrees, pack_trees
+from paraserve.worker.cp_inputs import CPPlan, plan_step
 
 
 @dataclass
@@ -59,12 +70,13 @@ class StepInputs:
     prompt_lp: dict[int, tuple[int, int, int]]  # req index -> (token start, count, first target pos)
     tree_rows: list[int] = field(default_factory=list)  # request indices verifying a tree
     trees: Optional[PackedTrees] = None  # their trees, in tree_rows order
+    cp: Optional[CPPlan] = None  # context parallel: this CP rank's share of the step
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, vocab_size: int, block_size: int,
                  device: torch.device, default_seed: int, max_model_len: int,
-                 speculator: Optional[Speculator] = None) -> None:
+                 speculator: Optional[Speculator] = None, cp_local_size: Optional[int] = None) -> None:
         self.model = model
         self.vocab_size = vocab_size
         self.block_size = block_size
@@ -74,6 +86,13 @@ class ModelRunner:
         self.sampler = Sampler()
         self.spec = speculator
         self.requests: dict[str, RequestState] = {}
+        self.group = get_mp_group()  # the ranks that run this batch with us
+        self.is_source = self.group.rank == 0  # samples for the group; its output is the step's
+        self.cp = get_cp_group()  # block_size spans the CP ranks: each stores block_size / cp
+        self.cp_local_size = cp_local_size
+        # context parallel: prefill chunks run by ring attention, and those with cached context
+        self.ring_chunks = {"chunks": 0, "with_context": 0}
+        self.ring_stats = RingStats()  # their ring's bytes and overlap
 
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         for layer, cache in zip(self.model.attention_layers(), caches):
@@ -108,6 +127,8 @@ class ModelRunner:
     # ---- inputs ------------------------------------------------------------------------
 
     def _prepare(self, out: SchedulerOutput) -> StepInputs:
+        if self.cp.size > 1:
+            return self._prepare_cp(out)
         req_ids = list(out.num_scheduled_tokens)
         ids: list[int] = []
         positions: list[int] = []
@@ -153,6 +174,51 @@ class ModelRunner:
         return StepInputs(torch.tensor(ids, dtype=torch.long), meta, req_ids, sample_rows,
                           torch.tensor(logits_idx, dtype=torch.long), prompt_lp, tree_rows, packed)
 
+    def _prepare_cp(self, out: SchedulerOutput) -> StepInputs:
+        """Context parallel: this CP rank's tokens (worker/cp_inputs.py)."""
+        req_ids = list(out.num_scheduled_tokens)
+        reqs, sample_rows = [], []
+        for i, req_id in enumerate(req_ids):
+            st, n = self.requests[req_id], out.num_scheduled_tokens[req_id]
+            if out.num_draft_tokens.get(req_id):
+                raise RuntimeError("speculative decoding does not run with context parallelism")
+            reqs.append((st.token_ids, st.block_ids, st.num_computed_tokens, n,
+                         st.params.prompt_logprobs is None))
+            if st.num_computed_tokens + n >= len(st.token_ids):
+                sample_rows.append(i)
+        plan = plan_step(reqs, self.cp, self.block_size // self.cp.size, self.cp_local_size,
+                         self.ring_stats)
+        self.ring_chunks["chunks"] += len(plan.step.rings)
+        self.ring_chunks["with_context"] += sum(p.first_new > 0 for p in plan.step.rings)
+        prompt_lp: dict[int, tuple[int, int, int]] = {}
+        for i, (st, (_, _, s, n, _)) in enumerate(zip((self.requests[r] for r in req_ids), reqs)):
+            if st.params.prompt_logprobs is not None and s + 1 < st.num_prompt_tokens:
+                prompt_lp[i] = (plan.starts[i], min(s + n, st.num_prompt_tokens - 1) - s, s + 1)
+        none = torch.zeros(0, dtype=torch.long)
+        meta = AttentionMetadata(
+            num_reqs=len(req_ids), positions=torch.tensor(plan.positions, dtype=torch.long),
+            slot_mapping=none, block_tables=none.view(0, 0), query_start_loc=plan.starts + [len(plan.input_ids)],
+            seq_lens=[r[2] + r[3] for r in reqs], decode_reqs=none, decode_tokens=none,
+            decode_seq_lens=none, other_reqs=[])
+        meta.scratch["cp"] = plan.step.to(self.device)
+        rows = [plan.last_token[i] if plan.last_token[i] is not None else -1 for i in sample_rows]
+        return StepInputs(torch.tensor(plan.input_ids, dtype=torch.long), meta, req_ids, sample_rows,
+                          torch.tensor(rows, dtype=torch.long), prompt_lp, cp=plan)
+
+    def _cp_sample_hidden(self, hidden: torch.Tensor, inp: StepInputs) -> torch.Tensor:
+        """[S, hidden] the sampling rows' hidden states on every CP rank: a ring prompt's last
+        token lives on one rank, so each row is summed over the group from its one holder (a
+        replicated row's holder is CP rank 0)."""
+        plan, idx = inp.cp, inp.logits_indices.tolist()
+        ring = [inp.sample_rows[j] in plan.ring_requests for j in range(len(idx))]
+        if not any(ring):
+            return hidden[inp.logits_indices]
+        rows = hidden.new_zeros(len(idx), hidden.shape[-1])
+        for j, (row, is_ring) in enumerate(zip(idx, ring)):
+            if row >= 0 and (is_ring or self.cp.rank == 0):
+                rows[j] = hidden[row]
+        return comm.all_reduce(rows, self.cp)
+
     @staticmethod
     def _scheduled_tree(st: RequestState, tree: Optional[DraftTree], k: int, n: int) -> DraftTree:
         if tree is None or tree.num_nodes < 1 + k or n != 1 + k or int(tree.token_ids[0]) != st.token_ids[-1]:
@@ -195,7 +261,8 @@ class ModelRunner:
                 self.requests[req_id].num_computed_tokens += n
         if not inp.logits_indices.numel():
             return result
-        logits = self.model.compute_logits(hidden[inp.logits_indices])  # [S + tree nodes, vocab]
+        rows = hidden[inp.logits_indices] if inp.cp is None else self._cp_sample_hidden(hidden, inp)
+        logits = self.model.compute_logits(rows)  # [S + tree nodes, vocab]
         S = len(inp.sample_rows)
         # (request, flat row of the hidden state that chose its last token) for the drafter
         advanced: list[tuple[RequestState, int]] = []
@@ -210,10 +277,15 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, inp: StepInputs, result: ModelRunnerOutput,
                 advanced: list[tuple[RequestState, int]]) -> None:
         states = [self.requests[inp.req_ids[i]] for i in inp.sample_rows]
-        meta = SamplingMetadata.build([st.sampling_row() for st in states], self.vocab_size, self.device)
-        sampled = self.sampler(logits, meta)
-        tokens = sampled.sampled_token_ids.tolist()  # the one host sync of plain sampling
-        lp = _to_lists(sampled)
+        lp = None
+        if self.is_source:
+            meta = SamplingMetadata.build([st.sampling_row() for st in states], self.vocab_size, self.device)
+            sampled = self.sampler(logits, meta)
+            chosen = sampled.sampled_token_ids.to(torch.int64).contiguous()
+            lp = _to_lists(sampled)
+        else:
+            chosen = torch.empty(len(states), dtype=torch.int64, device=self.device)
+        tokens = comm.broadcast(chosen, self.group).tolist()  # the one host sync of plain sampling
         rows = inp.logits_indices[:len(states)].tolist()
         for j, (st, tok) in enumerate(zip(states, tokens)):
             st.token_ids.append(tok)
@@ -230,10 +302,13 @@ class ModelRunner:
         token of each tree and moves the accepted K/V into place."""
         trees = inp.trees
         states = [self.requests[inp.req_ids[i]] for i in inp.tree_rows]
-        v = self.spec.verify(logits, trees, [st.sampling_row() for st in states])
-        L = v.accepted_nodes.shape[1]
-        rows = torch.cat([v.num_accepted.unsqueeze(1), v.last_node.unsqueeze(1), v.accepted_nodes,
-                          v.output_token_ids], 1).tolist()  # the one host sync of verification
+        decided = None
+        if self.is_source:
+            v = self.spec.verify(logits, trees, [st.sampling_row() for st in states])
+            decided = (v.accepted_nodes.shape[1], torch.cat(
+                [v.num_accepted.unsqueeze(1), v.last_node.unsqueeze(1), v.accepted_nodes,
+                 v.output_token_ids], 1).tolist())  # the one host sync of verification
+        L, rows = comm.broadcast_object(decided, self.group)
         src: list[int] = []
         dst: list[int] = []
         lp_rows: list[int] = []  # for logprobs: the logits row that chose each emitted token
@@ -256,7 +331,7 @@ class ModelRunner:
                 lp_rows.extend(first + n for n in [0] + nodes)
                 lp_tokens.extend(tokens)
         self._move_kv(src, dst)
-        if lp_rows:
+        if lp_rows and self.is_source:
             self._tree_logprobs(logits, states, lp_rows, lp_tokens, result)
 
     def _move_kv(self, src: list[int], dst: list[int]) -> None:
@@ -301,7 +376,11 @@ class ModelRunner:
         if not picked:
             return
         h = hidden[torch.tensor(rows)] if self.spec.needs_hidden_states else None  # [B, hidden]
-        for st, tree in zip(picked, self.spec.propose([st.token_ids for st in picked], depths, h)):
+        # every rank proposes (a drafter may run collectives, e.g. the vocab-parallel embedding);
+        # the source's trees are the ones verified, so all ranks take them
+        trees = comm.broadcast_object(self.spec.propose([st.token_ids for st in picked], depths, h),
+                                      self.group)
+        for st, tree in zip(picked, trees):
             if tree is not None:
                 st.tree = tree
                 result.num_draft_tokens[st.req_id] = tree.num_nodes - 1

@@ -1,5 +1,9 @@
 """One worker per rank: picks the device and dtype, loads its shard of the model, owns its
-shard of the KV cache, and runs the model runner."""
+shard of the KV cache, and runs the model runner.
+
+In a one-process engine the Worker lives in the engine's process; with several ranks each runs in
+its own process (worker_proc.py, or a Ray actor), after torch.distributed and the parallel groups
+are initialised, and the executor calls its methods by name."""
 from __future__ import annotations
 
 import contextlib
@@ -14,6 +18,7 @@ from paraserve.attention.backend import default_backend_name, get_backend
 from paraserve.config import ConfigError, EngineConfig, parse_bytes
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from paraserve.distributed import parallel_state
+from paraserve.distributed.ring import RingStats
 from paraserve.models.loader import ModelSource, iter_weights
 from paraserve.models.registry import get_model_class
 from paraserve.spec_decode.speculator import Speculator
@@ -72,27 +77,35 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
-def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
-    per_layer = 2 * hf_config.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
-    return per_layer * hf_config.num_hidden_layers
-
-
 class Worker:
-    def __init__(self, config: EngineConfig, source: ModelSource, hf_config, max_model_len: int) -> None:
+    """local_rank / local_world_size: this rank among the ranks on its host (device index, share
+    of the cores and of host memory)."""
+
+    def __init__(self, config: EngineConfig, source: ModelSource, hf_config, max_model_len: int,
+                 local_rank: int = 0, local_world_size: int = 1) -> None:
         self.config = config
         self.hf_config = hf_config
+        self.local_world_size = local_world_size
         self.device = resolve_device(config.device.device)
+        if self.device.type == "cuda" and self.device.index is None and local_world_size > 1:
+            self.device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
         if self.device.type == "cpu":
-            torch.set_num_threads(config.device.threads or os.cpu_count() or 1)
+            cores = os.cpu_count() or 1
+            torch.set_num_threads(config.device.threads or max(1, cores // local_world_size))
         self.dtype = resolve_dtype(config.model.dtype, self.device, hf_config)
-        parallel_state.init_single_process()
+        parallel_state.init_single_process()  # no-op when init_distributed built the groups
         torch.manual_seed(config.model.seed)
         t0 = time.monotonic()
         model_cls = get_model_class(hf_config)
+        kw = {}
+        if config.parallel.num_redundant_experts:
+            kw["num_redundant_experts"] = config.parallel.num_redundant_experts
         with _default_dtype(self.dtype), self.device:
-            model = model_cls(hf_config, get_backend(default_backend_name(self.device)), max_model_len)
-        model.load_weights(iter_weights(source))
+            model = model_cls(hf_config, get_backend(default_backend_name(self.device)), max_model_len, **kw)
+        # lazy: safetensors slices, so each rank reads only the shard it keeps
+        model.load_weights(iter_weights(source, lazy=parallel_state.get_layout().world_size > 1))
         for module in model.modules():  # kernel-specific weight layouts, once weights are final
             if hasattr(module, "process_weights_after_loading"):
                 module.process_weights_after_loading()
@@ -102,8 +115,9 @@ class Worker:
         speculator = None
         if config.speculative is not None:
             speculator = Speculator(config.speculative, self.model, source.name, hf_config.vocab_size)
-        self.runner = ModelRunner(self.model, hf_config.vocab_size, config.cache.block_size,
-                                  self.device, config.model.seed, max_model_len, speculator)
+        self.runner = ModelRunner(self.model, hf_config.vocab_size, config.kv_block_tokens,
+                                  self.device, config.model.seed, max_model_len, speculator,
+                                  config.parallel.cp_local_size)
 
     @property
     def dtype_name(self) -> str:
@@ -118,13 +132,18 @@ class Worker:
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * 0.8)
-        else:
-            budget = min(int(_available_ram() * 0.25), 4 << 30)
-        per_block = kv_bytes_per_token(self.hf_config, self.dtype) * cache.block_size
+        else:  # the ranks of one host share its memory
+            budget = min(int(_available_ram() * 0.25), 4 << 30) // self.local_world_size
+        per_block = self.kv_bytes_per_token() * cache.block_size
         # more than twice what max_num_seqs full-length sequences can hold is never used
         # (the second half keeps evicted prefixes cached)
-        useful = 2 * self.config.scheduler.max_num_seqs * -(-max_model_len // cache.block_size)
+        useful = 2 * self.config.scheduler.max_num_seqs * -(-max_model_len // self.config.kv_block_tokens)
         return max(min(budget // per_block, useful), 1)
+
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token over every layer, for this rank's KV heads only."""
+        elem = torch.finfo(self.dtype).bits // 8
+        return sum(2 * a.num_kv_heads * a.head_dim * elem for a in self.model.attention_layers())
 
     def init_kv_cache(self, num_blocks: int) -> None:
         cfg = self.hf_config
@@ -137,6 +156,34 @@ class Worker:
 
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched_out)
+
+    def info(self) -> dict:
+        """What the engine reports about the workers (plain data)."""
+        return {"dtype": self.dtype_name, "device": str(self.device), "pid": os.getpid(),
+                "threads": torch.get_num_threads() if self.device.type == "cpu" else None}
+
+    def comm_stats(self, reset: bool = False) -> dict:
+        """This rank's collectives since the last reset: {"calls": {...}, "bytes_sent": {...},
+        "ring": the context-parallel ring's transfers, bytes and hidden fraction}."""
+        stats, ring = parallel_state.get_comm_stats(), self.runner.ring_stats
+        out = {"calls": dict(stats.calls), "bytes_sent": dict(stats.bytes_sent),
+               "ring": {"calls": ring.calls, "transfers": ring.transfers, "bytes_sent": ring.bytes_sent,
+                        "hidden_fraction": ring.hidden_fraction if ring.transfers else None}}
+        if reset:
+            stats.reset()
+            self.runner.ring_stats = RingStats()  # each step's plan takes the runner's current one
+        return out
+
+    def ring_chunks(self) -> dict[str, int]:
+        """Context parallel: prefill chunks run by ring attention so far, and how many of them
+        had cached context (earlier chunks, prefix hits) riding the ring."""
+        return dict(self.runner.ring_chunks)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """MoE layer index -> assignments its router made per expert since the last reset (every
+        rank of a tp group routes the same tokens, so one rank's counts are the batch's)."""
+        get = getattr(self.model, "expert_load", None)
+        return {i: c.tolist() for i, c in get().items()} if get is not None else {}
 
 
 def _available_ram() -> int:
