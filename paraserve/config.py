@@ -210,15 +210,9 @@ class SpecConfig:
         if value is None or isinstance(value, SpecConfig):
             return value
         if isinstance(value, str):
-            import json
-
-            if not value.strip():
+            value = parse_json_object(value, "--speculative-config", '{"method": "ngram"}')
+            if value is None:
                 return None
-            try:
-                value = json.loads(value)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--speculative-config is not valid JSON ({e.msg} at character "
-                                  f"{e.pos}): give an object such as '{{\"method\": \"ngram\"}}'") from None
         if not isinstance(value, dict):
             raise ConfigError("speculative-config must be a JSON object such as '{\"method\": \"ngram\"}', "
                               f"got {type(value).__name__}")
@@ -299,6 +293,22 @@ def engine_fields() -> list[dataclasses.Field]:
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+
+
+def parse_json_object(text: str, flag: str, example: str) -> Optional[dict]:
+    """A flag's JSON object (None for blank text), or a one-line ConfigError naming the flag."""
+    import json
+
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} is not valid JSON ({e.msg} at character {e.pos}): give an object "
+                          f"such as '{example}'") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag} must be a JSON object such as '{example}', got {type(value).__name__}")
+    return value
 
 
 def parse_bytes(text: str) -> int:

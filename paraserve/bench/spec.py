@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import operator
 import sys
 import time
@@ -73,18 +72,10 @@ def spec_configs(methods: Optional[Sequence[str]], overrides_json: Optional[str]
     defaults of every method they belong to (disable_by_batch_size, num_speculative_tokens: all;
     beam_*: redrafter; prompt_lookup_*: ngram); its "method" only picks the default --methods."""
     # _SPEC_ONLY says which keys belong to one method only; SpecConfig rejects the other's keys
-    from paraserve.config import _SPEC_ONLY, SPEC_METHODS, ConfigError, SpecConfig
+    from paraserve.config import _SPEC_ONLY, SPEC_METHODS, ConfigError, SpecConfig, parse_json_object
 
-    overrides: dict[str, Any] = {}
-    if overrides_json and overrides_json.strip():
-        try:
-            overrides = json.loads(overrides_json)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--speculative-config is not valid JSON ({e.msg} at character "
-                              f"{e.pos})") from None
-        if not isinstance(overrides, dict):
-            raise ConfigError("--speculative-config must be a JSON object, e.g. "
-                              "'{\"disable_by_batch_size\": 64}'")
+    overrides: dict[str, Any] = parse_json_object(overrides_json or "", "--speculative-config",
+                                                  '{"disable_by_batch_size": 64}') or {}
     named = overrides.pop("method", None)
     methods = list(methods or ([named] if named else DEFAULT_METHODS))
     unknown = [m for m in methods if m not in SPEC_METHODS]
