@@ -142,9 +142,11 @@ class ServerConfig:
 # Speculation is switched off for a step when more requests than this are running (vLLM's
 # disable_by_batch_size). A verification adds the tree's nodes to every request's rows: at batch
 # 1 decode is bound by reading the weights and the extra rows are nearly free, but once the batch
-# alone keeps the matrix units busy they cost as much as they save. NOT MEASURED YET: a guess to
-# be replaced by the issue-5 benchmark (speedup at batch 1, 8 and 32 on this CPU).
-DEFAULT_SPEC_MAX_RUNNING = 8
+# alone fills the step they cost more than they save. Measured with `paraserve bench spec`
+# (SmolLM2-135M, bf16, 2-core Xeon, benchmarks/results/spec.txt): n-gram on code prompts 1.43x at
+# batch 1 but 0.84x at batch 8; ReDrafter and chat prompts lose at batch 8 too (0.42-0.59x). Batch
+# 2 is not measured; 2 keeps the measured win and stays well below the measured loss.
+DEFAULT_SPEC_MAX_RUNNING = 2
 
 SPEC_METHODS = ("redrafter", "ngram")
 _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path"),

@@ -266,7 +266,10 @@ def run(args: argparse.Namespace) -> Report:
     per_method = sum(args.num_prompts if b == 1 else b for b in args.batch_sizes) * 2 * len(texts)
     with tqdm(total=per_method * len(todo), desc="spec", unit="req", dynamic_ncols=True) as bar:
         for method in todo:
-            llm = common.make_llm(args, speculative_config=configs[method])
+            # prefix caching off: the second run of a prompt would reuse the first's cached blocks and
+            # compute only the prompt's tail, in other shapes; in bf16 that alone changes the numbers
+            # and the identity check would compare two different computations, not speculation
+            llm = common.make_llm(args, speculative_config=configs[method], enable_prefix_caching=False)
             used[method] = dataclasses.asdict(llm.engine.config.speculative)
             machine = machine_info(common.dtype_name(llm.engine.worker.dtype), llm.engine.model_name)
             runs += _measure_method(llm, method, texts, args, bar)
@@ -322,8 +325,9 @@ def _notes(args: argparse.Namespace, used: dict[str, Any], skipped: dict[str, st
              f"max_tokens {args.output_len} (EOS may end a request sooner); batch 1: {args.num_prompts} "
              f"requests one at a time; batch B: the first B prompts together",
              "baseline: the same engine with every request opted out (speculative=False); plain and "
-             "speculative runs alternate; decode tok/s excludes prefill (timed from the step after which "
-             "every request has its first token); no transformers run",
+             "speculative runs alternate, prefix caching off (so both compute each prompt alike); decode "
+             "tok/s excludes prefill (timed from the step after which every request has its first token); "
+             "no transformers run",
              "accepted len: tokens per verification incl. the bonus token; acceptance: accepted / drafted "
              "tokens (every tree node counts as drafted)"]
     for m, cfg in used.items():

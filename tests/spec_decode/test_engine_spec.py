@@ -34,6 +34,8 @@ def _llm(path, spec=None, **kw):
     args = dict(dtype="float32", block_size=4, max_model_len=256, max_num_batched_tokens=32,
                 threads=1)
     args.update(kw)
+    if spec is not None:  # these tests batch several requests: keep speculation on for them all
+        spec = {"disable_by_batch_size": 64, **spec}
     return LLM(str(path), speculative_config=spec, **args)
 
 
