@@ -32,9 +32,10 @@ SMALL_M_MAX = 32
 
 
 def _build_tag() -> str:
-    """A short hash of this CPU's feature flags and the sources. -march=native binaries are only
-    safe on the CPU that built them, and torch keys its cache on the sources and flags alone: the
-    tag in the extension name keeps machines that share a home directory apart."""
+    """A short hash of this CPU's feature flags. -march=native binaries are only safe on the CPU
+    that built them, and torch keys its cache on the sources and flags alone: the tag in the
+    extension name keeps machines that share a home directory apart (torch itself rebuilds when
+    the sources change)."""
     try:
         flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
                      if line.startswith(("flags", "Features")))
