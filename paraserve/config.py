@@ -78,6 +78,10 @@ class ParallelConfig:
     expert_parallel_size: Optional[int] = _f(None, "ranks the MoE experts are partitioned over "
                                                    "(default: 1, or all with --enable-expert-parallel)")
     num_redundant_experts: int = _f(0, "extra replicas of the hottest experts (EPLB-style placement)")
+    expert_load_history: Optional[str] = _f(
+        None, "JSON file of a previous run's per-layer expert loads ({layer: [count per expert]}, as "
+              "LLM.engine.expert_load() returns) that places the redundant experts (default: none, "
+              "every expert counts as equally hot)")
     distributed_executor_backend: Optional[str] = _f(
         None, "how worker processes are run: mp (this host) or ray (a Ray cluster, may span hosts); "
               "default: in-process for one rank, mp otherwise", choices=EXECUTOR_BACKENDS)
@@ -98,6 +102,10 @@ class ParallelConfig:
             raise ConfigError(f"--distributed-executor-backend must be one of {', '.join(EXECUTOR_BACKENDS)}, "
                               f"got {self.distributed_executor_backend!r}")
         layout = self.layout()  # raises ConfigError for layouts that do not fit together
+        if self.expert_load_history is not None:
+            if not self.num_redundant_experts:
+                raise ConfigError("--expert-load-history places redundant experts: give --num-redundant-experts too")
+            load_expert_history(self.expert_load_history)
         if self.num_redundant_experts and layout.ep == 1:
             raise ConfigError("--num-redundant-experts needs expert parallelism "
                               "(--enable-expert-parallel or --expert-parallel-size > 1)")
@@ -295,6 +303,27 @@ def engine_fields() -> list[dataclasses.Field]:
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+
+
+def load_expert_history(path: str) -> dict[int, list[float]]:
+    """--expert-load-history's file -> {MoE layer index: load per expert}; one-line errors."""
+    import json
+
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except OSError as e:
+        raise ConfigError(f"--expert-load-history {path}: cannot read it ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"--expert-load-history {path} is not valid JSON ({e.msg})") from None
+    try:
+        history = {int(k): [float(x) for x in v] for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"--expert-load-history {path} must map layer indices to lists of numbers, "
+                          'e.g. {"0": [12, 3, 40, 5]}') from None
+    if any(not v or min(v) < 0 for v in history.values()):
+        raise ConfigError(f"--expert-load-history {path}: every layer needs non-negative loads")
+    return history
 
 
 def parse_json_object(text: str, flag: str, example: str) -> Optional[dict]:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 
 from paraserve.attention.backend import default_backend_name, get_backend
-from paraserve.config import ConfigError, EngineConfig, parse_bytes
+from paraserve.config import ConfigError, EngineConfig, load_expert_history, parse_bytes
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput
 from paraserve.distributed import parallel_state
 from paraserve.distributed.ring import RingStats
@@ -102,6 +102,8 @@ class Worker:
         kw = {}
         if config.parallel.num_redundant_experts:
             kw["num_redundant_experts"] = config.parallel.num_redundant_experts
+            if config.parallel.expert_load_history:  # the same file on every rank: the same placement
+                kw["expert_load"] = load_expert_history(config.parallel.expert_load_history)
         with _default_dtype(self.dtype), self.device:
             model = model_cls(hf_config, get_backend(default_backend_name(self.device)), max_model_len, **kw)
         # lazy: safetensors slices, so each rank reads only the shard it keeps
@@ -178,6 +180,12 @@ class Worker:
         """Context parallel: prefill chunks run by ring attention so far, and how many of them
         had cached context (earlier chunks, prefix hits) riding the ring."""
         return dict(self.runner.ring_chunks)
+
+    def expert_placement(self) -> dict[int, list[int]]:
+        """MoE layer index -> the logical expert held in each physical slot, rank after rank
+        (redundant replicas repeat an expert)."""
+        get = getattr(self.model, "moe_layers", None)
+        return {i: list(m.placement.physical_to_logical) for i, m in get().items()} if get else {}
 
     def expert_load(self) -> dict[int, list[int]]:
         """MoE layer index -> assignments its router made per expert since the last reset (every

@@ -431,3 +431,28 @@ def test_cp_plan_covers_every_position_once():
     for r in range(cp):
         slots = [local_slot(b, q, block, cp) for _, b, s, n, _ in reqs for q in range(r, s + n, cp)]
         assert len(slots) == len(set(slots))
+
+
+def test_redundant_experts_are_placed_from_a_load_history(tiny_model_dir, tmp_path):
+    """A load history file ({layer: load per expert}, what engine.expert_load() returns) places
+    the replicas on its hottest experts, here the last two (with no history they would go to
+    experts 0 and 1); tokens stay those of one process."""
+    import json
+
+    path = tiny_model_dir("qwen2-moe")
+    ref_tokens, ref_seen = run(path)
+    history = tmp_path / "load.json"
+    history.write_text(json.dumps({layer: [1, 2, 50, 100] for layer in ref_seen["expert_load"]}))
+    kw = dict(tensor_parallel_size=2, expert_parallel_size=2, num_redundant_experts=2,
+              expert_load_history=str(history))
+    with LLM(str(path), **{**ENGINE, **kw}) as llm:
+        tokens = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                                                               GREEDY, use_tqdm=False)]
+        placement = llm.engine.executor.collective_rpc("expert_placement")[0]
+    assert tokens == ref_tokens
+    assert placement and all(sorted(p) == [0, 1, 2, 2, 3, 3] for p in placement.values())
+    with pytest.raises(ValueError, match="cannot read it"):
+        LLM(str(path), **{**ENGINE, **kw, "expert_load_history": str(tmp_path / "missing.json")})
+    with pytest.raises(ValueError, match="give --num-redundant-experts too"):
+        LLM(str(path), **{**ENGINE, "tensor_parallel_size": 2, "expert_parallel_size": 2,
+                          "expert_load_history": str(history)})
