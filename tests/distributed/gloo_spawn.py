@@ -32,12 +32,13 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
 
 
 def run_gloo(fn: Callable[..., Any], world_size: int, *args: Any,
-             start_method: str = "fork") -> None:
+             start_method: str = "spawn") -> None:
     """Call fn(rank, world_size, *args) in world_size processes; raises if any of them fails.
 
-    fork by default: spawn re-imports torch in every child (~1 s each on a busy 2-core box),
-    fork starts in milliseconds. Use start_method="spawn" if the parent holds state a child
-    must not inherit; fn must then be a module-level function.
+    spawn, not fork: a pytest process that has run engines holds threads (engine loops, OpenMP,
+    executors), and a child forked while one of them held a lock hung forever in a fresh CI-like
+    run (seen: both ranks parked on a futex inside torch). spawn costs ~1-3 s of imports per
+    child; fn must be a module-level function.
     """
     if dist.is_initialized():
         raise RuntimeError("run_gloo needs a parent without a default process group")
