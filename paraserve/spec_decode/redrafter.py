@@ -99,8 +99,8 @@ class DraftLinear(nn.Linear):
         self.packed = pack_weight(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return super().forward(x)
+        if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
+            return super().forward(x)  # training (a frozen layer still passes gradients back)
         packed = self.packed if self.packed is not None and self.packed.dtype == self.weight.dtype else None
         return packed_linear(x, self.weight, packed, self.bias)
 
@@ -151,26 +151,36 @@ class ReDrafter(nn.Module):
         """s [N, H] (s_{t-1}), prev_emb [N, H] (e(g_{t-1})) -> s_t [N, H]."""
         return F.silu(self.rnn_w(prev_emb.to(self.dtype)) + self.rnn_u(s))
 
-    def logits(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """h [N, H], s [N, H] -> [N, Vd] scores over the drafter's vocabulary rows."""
+    def features(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """h [N, H], s [N, H] -> [N, head_dim]: what the vocabulary projection reads (with the
+        projection, a stand-in for the base model's own next hidden state)."""
         x = torch.cat([h.to(self.dtype), s], dim=-1)  # [N, 2H]
         if self.proj is not None:
             x = self.proj(x)
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(x)
+        return x
 
-    def forward(self, h: torch.Tensor, tokens: torch.Tensor, embed: Embed) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """h [N, H], s [N, H] -> [N, Vd] scores over the drafter's vocabulary rows."""
+        return self.lm_head(self.features(h, s))
+
+    def forward(self, h: torch.Tensor, tokens: torch.Tensor, embed: Embed,
+                return_features: bool = False):
         """Teacher forcing. h [N, H]; tokens [N, K]: g_0 (the last verified token) and the true
-        next K - 1 tokens -> logits [N, K, Vd], row k scoring g_{k+1}."""
+        next K - 1 tokens -> logits [N, K, Vd], row k scoring g_{k+1} (and with return_features
+        the features [N, K, head_dim] they came from)."""
         N, K = tokens.shape
         emb = embed(tokens)  # [N, K, H]
         s = h.new_zeros(N, self.config.hidden_size, dtype=self.dtype)
-        out = []
+        out, feats = [], []
         for k in range(K):
             s = self.step(s, emb[:, k])
-            out.append(self.logits(h, s))
-        return torch.stack(out, dim=1)
+            x = self.features(h, s)
+            feats.append(x)
+            out.append(self.lm_head(x))
+        logits = torch.stack(out, dim=1)
+        return (logits, torch.stack(feats, dim=1)) if return_features else logits
 
 
 class Beams(NamedTuple):

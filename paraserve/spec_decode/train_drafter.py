@@ -1,12 +1,19 @@
 """`paraserve train-drafter`: self-distillation of a ReDrafter drafter from its base model.
 
 Recipe. The frozen base model answers the chat prompts shipped in prompts.txt (through the
-engine, with its chat template, greedy by default); one teacher-forced forward over each
-prompt + response gives the final hidden state h_t at every position. At each response
-position t the drafter gets (h_t, x_{t+1}), x_{t+1} being the token the base model's logits at t
-chose, and learns x_{t+2} .. x_{t+K+1}, teacher-forced (the recurrence reads the true tokens),
-with the cross-entropy summed over the K offsets. The vocabulary projection is restricted to the
-tokens most frequent in the generated data and starts from the base model's LM head rows.
+engine, with its chat template): one greedy answer per prompt, which is what greedy speculation
+will have to predict, plus `num_samples` sampled ones at a moderate temperature, for more and more
+varied contexts. One teacher-forced forward over each prompt + answer gives the final hidden state
+h_t at every position, and the base model's own next-token distribution there (its logits: the
+teacher). At each answer position t the drafter gets (h_t, x_{t+1}) and learns, teacher-forced
+(the recurrence reads the true tokens x_{t+2} .. x_{t+K}), what the base model would choose at
+t+1 .. t+K: the cross-entropy against the teacher's argmax (its greedy choice, the token greedy
+verification accepts; for a sampled answer that is not always the sampled token) and against its
+top-k distribution (soft targets, which teach the drafter the runner-up tokens that the other
+beams draft), summed over the K offsets. Offsets whose context has left the greedy path (an input
+token the base model would not have chosen greedily) are masked: greedy verification never
+accepts a draft there. The vocabulary projection is restricted to the tokens the base model picks
+most often in this data and starts from the base model's LM head rows.
 
 Held-out prompts measure what speculation would achieve: at every position of their greedy
 responses, beam search (width W, length L) drafts from (h_t, x_{t+1}); the accepted length is the
@@ -26,7 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional
 
 from paraserve.config import ConfigError
 
@@ -52,17 +59,28 @@ class TrainDrafterConfig:
     num_prompts: Optional[int] = _f(None, "training prompts (default: all but the held-out ones)")
     num_heldout: int = _f(32, "held-out prompts for the accepted-length report")
     max_tokens: int = _f(192, "max response tokens per prompt")
-    temperature: float = _f(0.0, "sampling temperature of the training responses (held-out: greedy)")
+    num_samples: int = _f(0, "sampled answers per training prompt, besides its greedy one")
+    temperature: float = _f(0.8, "sampling temperature of those answers (held-out: greedy)")
     epochs: int = _f(4, "passes over the training positions")
     batch_size: int = _f(256, "positions per training step")
     lr: float = _f(1e-3, "peak AdamW learning rate (warmup, then cosine decay)")
     beam_width: int = _f(4, "beams in the held-out evaluation")
     beam_length: int = _f(4, "draft length: training offsets K and evaluation beam length L")
-    draft_vocab_size: Optional[int] = _f(8192, "drafted vocabulary: the most frequent tokens of the "
-                                                "generated data (0: the whole vocabulary)")
+    draft_vocab_size: Optional[int] = _f(8192, "drafted vocabulary: the tokens the base model picks most "
+                                                "often in the generated data (0: the whole vocabulary)")
     num_blocks: int = _f(2, "residual blocks in the drafter head")
+    soft_targets: int = _f(0, "distil the base model's top-k next-token distribution at every offset, "
+                              "besides its argmax (0: the argmax alone, a hard label)")
+    soft_weight: float = _f(0.5, "weight of the soft-target loss; the argmax loss gets 1 - this")
+    greedy_path: bool = _f(True, "mask offsets whose inputs left the base model's greedy path")
     init_from_lm_head: bool = _f(True, "start the vocabulary projection from the base LM head rows")
-    train_seed: int = _f(0, "seed of the prompt split, the drafter init and the training order")
+    train_lm_head: bool = _f(True, "train the vocabulary projection (else it stays the base LM head's rows)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    dropout: float = _f(0.0, "dropout on the drafter's inputs (h and the token embeddings) in training")
+    feature_loss: float = _f(0.0, "weight of a smooth-L1 loss pulling the drafter's features towards the "
+                                  "base model's hidden state at each offset (as EAGLE does; 0: off)")
+    bf16: bool = _f(True, "train with bfloat16 matrix products (autocast; float32 weights and loss)")
+    train_seed: int = _f(0, "seed of the prompt split, the sampling, the drafter init and the training order")
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -73,8 +91,16 @@ class TrainDrafterConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
+        if self.num_samples < 0 or self.soft_targets < 0:
+            raise ConfigError("--num-samples and --soft-targets must be >= 0")
+        if self.num_samples and self.temperature <= 0:
+            raise ConfigError("--num-samples needs --temperature > 0 (the greedy answer is always included)")
         if self.temperature < 0 or self.lr <= 0:
             raise ConfigError("--temperature must be >= 0 and --lr > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not 0 <= self.soft_weight <= 1:
+            raise ConfigError(f"--soft-weight must be in [0, 1], got {self.soft_weight}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ConfigError(f"--draft-vocab-size must be >= 0, got {self.draft_vocab_size}")
 
@@ -83,6 +109,14 @@ class TrainDrafterConfig:
 class Sample:
     token_ids: list[int]  # prompt + response
     prompt_len: int
+
+
+@dataclass
+class Teacher:
+    """The base model's next-token choice at every row of a sample (the logits of row r score
+    token r + 1): its k most likely tokens, the first its argmax, and their probabilities."""
+    ids: "torch.Tensor"  # [T, k] int64 base token ids, most likely first
+    probs: "torch.Tensor"  # [T, k] float32, under the full vocabulary
 
 
 @dataclass
@@ -144,16 +178,20 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     llm = LLM(**engine_args)
     model, name = llm.engine.worker.model, llm.engine.source.name
     lap("load")
-    logger.info("train-drafter: %d training + %d held-out prompts, up to %d tokens each",
-                len(train_prompts), len(heldout_prompts), cfg.max_tokens)
+    logger.info("train-drafter: %d training prompts (greedy + %d sampled answers each, temperature %g) "
+                "+ %d held-out prompts (greedy), up to %d tokens each", len(train_prompts),
+                cfg.num_samples, cfg.temperature, len(heldout_prompts), cfg.max_tokens)
     train, heldout = generate(llm, train_prompts, heldout_prompts, cfg)
     lap("generate")
-    train_h, heldout_h = hidden_states(model, train), hidden_states(model, heldout)
+    k = max(1, cfg.soft_targets)
+    train_h, train_t = hidden_states(model, train, teacher_k=k)
+    heldout_h, _ = hidden_states(model, heldout)
     lap("hidden")
-    drafter = new_drafter(cfg, model, name, train)
-    data = make_examples(train, train_h, drafter.token_ids, model.config.vocab_size, cfg.beam_length)
+    drafter = new_drafter(cfg, model, name, train, train_t)
+    data = make_training_set(train, train_h, train_t, drafter.token_ids, model.config.vocab_size, cfg)
+    del train_h, train_t
     logger.info("drafter: %.1fM parameters, %d drafted tokens; %d training positions",
-                sum(p.numel() for p in drafter.parameters()) / 1e6, len(drafter.token_ids), len(data[0]))
+                sum(p.numel() for p in drafter.parameters()) / 1e6, len(drafter.token_ids), data.num_positions)
     loss = fit(drafter, data, model.embed_tokens, cfg)
     lap("train")
     save_drafter(drafter, cfg.out)
@@ -164,7 +202,7 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     logger.info("held-out mean accepted length (W=%d, L=%d): %.2f tokens/step (top beam only: %.2f); "
                 "the draft vocabulary holds %.1f%% of held-out response tokens",
                 cfg.beam_width, cfg.beam_length, acc, acc_top, 100 * coverage)
-    report = TrainReport(cfg.out, len(data[0]), loss, acc, acc_top, coverage, seconds)
+    report = TrainReport(cfg.out, data.num_positions, loss, acc, acc_top, coverage, seconds)
     with open(os.path.join(cfg.out, REPORT_FILE), "w") as f:  # how this drafter was made
         json.dump({"train": dataclasses.asdict(cfg), "report": dataclasses.asdict(report)}, f, indent=2)
         f.write("\n")
@@ -173,15 +211,17 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     return report
 
 
-def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample]) -> "ReDrafter":
-    """An untrained drafter for `model`: its vocabulary the most frequent response tokens, its
-    vocabulary projection (optionally) the base LM head's rows for them."""
+def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],
+                teacher: Optional[list[Teacher]] = None) -> "ReDrafter":
+    """An untrained drafter for `model`: its vocabulary the tokens most frequent in the answers
+    (with `teacher`: the tokens the base model picks there), its vocabulary projection
+    (optionally) the base LM head's rows for them."""
     import torch
 
     from paraserve.spec_decode.redrafter import ReDrafter, ReDrafterConfig
 
     V = model.config.vocab_size
-    token_ids = frequent_tokens(train, V, cfg.draft_vocab_size or None)
+    token_ids = frequent_tokens(train, V, cfg.draft_vocab_size or None, teacher)
     restricted = len(token_ids) < V
     config = ReDrafterConfig(base_model=name, base_vocab_size=V, hidden_size=model.config.hidden_size,
                              num_blocks=cfg.num_blocks, draft_vocab_size=len(token_ids) if restricted else None)
@@ -218,37 +258,59 @@ def split_prompts(cfg: TrainDrafterConfig) -> tuple[list[str], list[str]]:
 
 def generate(llm, train_prompts: list[str], heldout_prompts: list[str],
              cfg: TrainDrafterConfig) -> tuple[list[Sample], list[Sample]]:
-    """The base model's own responses; held-out ones greedy (what acceptance is measured on)."""
+    """The base model's own answers: per training prompt its greedy one and `num_samples`
+    sampled ones (seeded), per held-out prompt its greedy one (what acceptance is measured on).
+    All in one batch: the engine keeps more requests in flight."""
     from paraserve.sampling_params import SamplingParams
 
-    def chat(prompts: list[str], temperature: float) -> list[Sample]:
-        params = SamplingParams(max_tokens=cfg.max_tokens, temperature=temperature, seed=None)
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
-        return [Sample(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
-                for o in outs]
+    greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
+    prompts = train_prompts + heldout_prompts
+    params = [greedy] * len(prompts)
+    for i in range(cfg.num_samples):
+        prompts += train_prompts
+        params += [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                                  seed=cfg.train_seed * 1_000_003 + i * len(train_prompts) + j)
+                   for j in range(len(train_prompts))]
+    ids = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} for p in prompts]
+    outs = llm.generate(ids, params)
+    samples = [Sample(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
+               for o in outs]
+    n, m = len(train_prompts), len(heldout_prompts)
+    return samples[:n] + samples[n + m:], samples[n:n + m]
 
-    if cfg.temperature == 0:  # one batch: the engine keeps more requests in flight
-        both = chat(train_prompts + heldout_prompts, 0.0)
-        return both[:len(train_prompts)], both[len(train_prompts):]
-    return chat(train_prompts, cfg.temperature), chat(heldout_prompts, 0.0)
 
-
-def hidden_states(model, samples: list[Sample], max_batch_tokens: int = 2048,
-                  block_size: int = 16) -> list["torch.Tensor"]:
-    """One teacher-forced forward per batch of samples -> per sample [T, hidden] float32, the
-    base model's final hidden states (the rows its logits are computed from)."""
-    import torch
+def hidden_states(model, samples: list[Sample], max_batch_tokens: int = 2048, block_size: int = 16,
+                  teacher_k: int = 0) -> tuple[list["torch.Tensor"], list[Teacher]]:
+    """One teacher-forced forward per batch of samples -> per sample [T, hidden] (the model's
+    dtype), the base model's final hidden states (the rows its logits are computed from), and
+    with teacher_k its top-k next-token choices at every row (else an empty list)."""
     from tqdm import tqdm
 
     out: list[torch.Tensor] = []
+    teachers: list[Teacher] = []
     bar = tqdm(total=sum(len(s.token_ids) for s in samples), desc="Hidden states", unit="tok",
                dynamic_ncols=True)
     with bar:
         for batch in _token_batches(samples, max_batch_tokens):
             hidden = _forward(model, [s.token_ids for s in batch], block_size)
-            out.extend(h.float().clone() for h in hidden)  # normal tensors, usable by autograd
+            out.extend(h.clone() for h in hidden)  # normal tensors, usable by autograd
+            if teacher_k:
+                teachers.extend(_teacher(model, h, teacher_k) for h in hidden)
             bar.update(sum(len(s.token_ids) for s in batch))
-    return out
+    return out, teachers
+
+
+def _teacher(model, hidden: "torch.Tensor", k: int, chunk: int = 512) -> Teacher:
+    import torch
+
+    ids, probs = [], []
+    with torch.inference_mode():
+        for a in range(0, len(hidden), chunk):
+            p = torch.softmax(model.compute_logits(hidden[a:a + chunk]).float(), dim=-1)
+            top = p.topk(k, dim=-1)  # sorted: column 0 is the argmax
+            ids.append(top.indices)
+            probs.append(top.values)
+    return Teacher(torch.cat(ids).clone(), torch.cat(probs).clone())
 
 
 def _token_batches(samples: list[Sample], max_tokens: int) -> Iterator[list[Sample]]:
@@ -312,18 +374,96 @@ def _scratch_kv_cache(model, num_blocks: int, block_size: int) -> Iterator[None]
             layer.kv_cache = cache
 
 
-def frequent_tokens(samples: list[Sample], vocab_size: int, keep: Optional[int]) -> "torch.Tensor":
-    """The `keep` token ids most frequent in the responses (ties: lower id first), ascending."""
+def frequent_tokens(samples: list[Sample], vocab_size: int, keep: Optional[int],
+                    teacher: Optional[list[Teacher]] = None) -> "torch.Tensor":
+    """The `keep` token ids most frequent in the responses (ties: lower id first), ascending.
+    With `teacher`: the base model's argmax at the rows that predict response tokens instead of
+    the tokens themselves (the same for greedy answers; for sampled ones, what greedy decoding
+    would have said there)."""
     import torch
 
     if keep is None or keep >= vocab_size:
         return torch.arange(vocab_size)
     counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for s in samples:
-        counts += torch.bincount(torch.tensor(s.token_ids[s.prompt_len:], dtype=torch.long),
-                                 minlength=vocab_size)[:vocab_size].double()
+    for i, s in enumerate(samples):
+        if teacher:
+            picked = teacher[i].ids[s.prompt_len - 1:len(s.token_ids) - 1, 0]
+        else:
+            picked = torch.tensor(s.token_ids[s.prompt_len:], dtype=torch.long)
+        counts += torch.bincount(picked, minlength=vocab_size)[:vocab_size].double()
     order = torch.argsort(-counts, stable=True)  # stable: ties keep the lower id first
     return order[:keep].sort().values
+
+
+@dataclass
+class TrainingSet:
+    """Every row of the training samples, concatenated, and the training positions among them.
+    Position t (a row from the last prompt token on) trains offsets j = 0 .. K-1: the drafter
+    reads h_t and inputs g_j = tokens[t + 1 + j] and learns the base model's choice at row
+    t + 1 + j (its argmax `label`, and its top-k `soft_rows` / `soft_probs`)."""
+    hidden: "torch.Tensor"  # [R, H] final hidden states
+    tokens: "torch.Tensor"  # [R] token ids
+    end: "torch.Tensor"  # [R] exclusive end row of the row's sample
+    on_path: "torch.Tensor"  # [R] bool: the next token is the base model's argmax (greedy path)
+    label: "torch.Tensor"  # [R] drafter row of the base argmax at the row; -100: not drafted
+    soft_rows: "torch.Tensor"  # [R, k] drafter rows of its top-k; -1: not drafted
+    soft_probs: "torch.Tensor"  # [R, k] their probabilities
+    positions: "torch.Tensor"  # [N] rows t
+
+    @property
+    def num_positions(self) -> int:
+        return len(self.positions)
+
+    def batch(self, idx: "torch.Tensor", K: int, greedy_path: bool) -> "Batch":
+        import torch
+
+        t = self.positions[idx]
+        rows = t.unsqueeze(1) + torch.arange(1, K + 1)  # [b, K] the rows whose choice is learnt
+        valid = rows + 1 < self.end[t].unsqueeze(1)  # that choice is in the sample (as in evaluate)
+        if greedy_path:  # inputs g_0 .. g_j all greedy: on_path of rows t .. t + j
+            valid &= self.on_path[(rows - 1).clamp(max=len(self.tokens) - 1)].long().cumprod(1).bool()
+        rows = rows.clamp(max=len(self.tokens) - 1)
+        y = torch.where(valid, self.label[rows], -100)
+        sr = self.soft_rows[rows].long()
+        sp = self.soft_probs[rows].float() * (sr >= 0)
+        sp = sp / sp.sum(-1, keepdim=True).clamp(min=1e-9)
+        return Batch(self.hidden[t], self.tokens[rows], y, valid, sr, sp, self.hidden[rows])
+
+
+class Batch(NamedTuple):
+    h: "torch.Tensor"  # [b, H] h_t
+    g: "torch.Tensor"  # [b, K] inputs g_0 .. g_{K-1}
+    y: "torch.Tensor"  # [b, K] the base model's argmax after them, as drafter rows; -100: none
+    valid: "torch.Tensor"  # [b, K] bool: offsets that train (in the sample, on the greedy path)
+    soft_rows: "torch.Tensor"  # [b, K, k] its top-k as drafter rows; -1: not drafted
+    soft_probs: "torch.Tensor"  # [b, K, k] their probabilities, renormalised over drafted ones
+    target_h: "torch.Tensor"  # [b, K, H] the base model's hidden state those choices came from
+
+
+def make_training_set(samples: list[Sample], hidden: list["torch.Tensor"], teacher: list[Teacher],
+                      token_ids: "torch.Tensor", vocab_size: int, cfg: TrainDrafterConfig) -> TrainingSet:
+    import torch
+
+    row = torch.full((vocab_size,), -1, dtype=torch.long)
+    row[token_ids] = torch.arange(len(token_ids))
+    k = cfg.soft_targets
+    tokens, ends, on_path, labels, srows, sprobs, positions = [], [], [], [], [], [], []
+    start = 0
+    for s, h, te in zip(samples, hidden, teacher):
+        x = torch.tensor(s.token_ids, dtype=torch.long)
+        T = len(x)
+        argmax = te.ids[:, 0]
+        tokens.append(x)
+        ends.append(torch.full((T,), start + T, dtype=torch.long))
+        on_path.append(torch.cat([x[1:] == argmax[:-1], torch.zeros(1, dtype=torch.bool)]))
+        lab = row[argmax]
+        labels.append(torch.where(lab >= 0, lab, -100))
+        srows.append(row[te.ids[:, :k]].to(torch.int32))
+        sprobs.append(te.probs[:, :k].half())
+        positions.append(torch.arange(s.prompt_len - 1, T - 2) + start)  # x_{t+2} in the sample
+        start += T
+    return TrainingSet(torch.cat(hidden), torch.cat(tokens), torch.cat(ends), torch.cat(on_path),
+                       torch.cat(labels), torch.cat(srows), torch.cat(sprobs), torch.cat(positions))
 
 
 def make_examples(samples: list[Sample], hidden: list["torch.Tensor"], token_ids: "torch.Tensor",
@@ -351,21 +491,28 @@ def make_examples(samples: list[Sample], hidden: list["torch.Tensor"], token_ids
     return torch.cat(hs), torch.cat(gs), torch.cat(ys)
 
 
-def fit(drafter: "ReDrafter", data: tuple, embed, cfg: TrainDrafterConfig) -> float:
-    """AdamW over shuffled positions, loss = sum over offsets of the mean cross-entropy.
-    Returns the last epoch's mean loss."""
+def fit(drafter: "ReDrafter", data: TrainingSet, embed, cfg: TrainDrafterConfig,
+        after_epoch: Optional[Callable[[int], None]] = None) -> float:
+    """AdamW over shuffled positions; loss = sum over offsets of the mean cross-entropy against
+    the base model's argmax ((1 - soft_weight) of it) and its top-k distribution (soft_weight;
+    with soft_targets > 0). Returns the last epoch's mean loss."""
     import math
 
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    h, g, y = data
-    N, K = y.shape
+    N, K = data.num_positions, cfg.beam_length
+    p_drop = cfg.dropout
+    train_embed = (lambda ids: F.dropout(embed(ids).float(), p_drop)) if p_drop else embed
+    soft = cfg.soft_targets > 0
+    w_soft = cfg.soft_weight if soft else 0.0
     steps_per_epoch = -(-N // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = min(50, total // 10 + 1)
-    opt = torch.optim.AdamW(drafter.parameters(), lr=cfg.lr, weight_decay=0.0)
+    drafter.lm_head.weight.requires_grad_(cfg.train_lm_head)
+    params = [p for p in drafter.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warmup) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(i, total) / total))))
     gen = torch.Generator().manual_seed(cfg.train_seed)
@@ -378,14 +525,25 @@ def fit(drafter: "ReDrafter", data: tuple, embed, cfg: TrainDrafterConfig) -> fl
             run_loss, run_n = 0.0, 0
             for i in range(steps_per_epoch):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                logits = drafter(h[idx], g[idx], embed)  # [b, K, Vd]
-                ce = F.cross_entropy(logits.flatten(0, 1).float(), y[idx].flatten(), ignore_index=-100,
-                                     reduction="none").view(-1, K)
-                valid = (y[idx] != -100).float()
-                loss = ((ce * valid).sum(0) / valid.sum(0).clamp(min=1)).sum()  # summed over offsets
+                h, g, y, valid, sr, sp, target_h = data.batch(idx, K, cfg.greedy_path)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                    logits, feats = drafter(F.dropout(h.float(), p_drop) if p_drop else h, g, train_embed,
+                                            return_features=True)  # [b, K, Vd], [b, K, H]
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                hard_ok = (y >= 0).float()
+                hard = -logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # [b, K]
+                loss = (1 - w_soft) * ((hard * hard_ok).sum(0) / hard_ok.sum(0).clamp(min=1)).sum()
+                if soft:
+                    soft_ok = valid.float()
+                    ce = -(sp * logp.gather(-1, sr.clamp(min=0))).sum(-1)  # [b, K]
+                    loss = loss + w_soft * ((ce * soft_ok).sum(0) / soft_ok.sum(0).clamp(min=1)).sum()
+                if cfg.feature_loss:
+                    ok = valid.float()
+                    l1 = F.smooth_l1_loss(feats.float(), target_h.float(), reduction="none").mean(-1)  # [b, K]
+                    loss = loss + cfg.feature_loss * ((l1 * ok).sum(0) / ok.sum(0).clamp(min=1)).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
                 sched.step()
                 run_loss += loss.item()
@@ -394,7 +552,11 @@ def fit(drafter: "ReDrafter", data: tuple, embed, cfg: TrainDrafterConfig) -> fl
                 bar.set_postfix(epoch=epoch + 1, loss=f"{run_loss / run_n:.3f}")
             epoch_loss = run_loss / max(run_n, 1)
             logger.info("epoch %d/%d: loss %.3f (sum over %d offsets)", epoch + 1, cfg.epochs, epoch_loss, K)
-    drafter.eval()
+            if after_epoch is not None:
+                drafter.eval()
+                after_epoch(epoch)
+                drafter.train()
+    drafter.requires_grad_(True).eval()
     return epoch_loss
 
 

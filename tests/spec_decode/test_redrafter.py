@@ -211,13 +211,17 @@ def test_train_drafter_cli_end_to_end(tmp_path):
     args = ["train-drafter", "--model", str(base), "--out", str(out), "--dtype", "float32", "--threads", "1",
             "--num-prompts", "40", "--num-heldout", "6", "--max-tokens", "24", "--epochs", "4",
             "--batch-size", "64", "--lr", "3e-3", "--draft-vocab-size", "256", "--beam-width", "2",
-            "--beam-length", "3"]
+            "--beam-length", "3", "--num-samples", "1", "--temperature", "0.8", "--soft-targets", "4"]
     threads = torch.get_num_threads()
     try:  # one thread: OpenMP on a busy 2-core machine is many times slower with two
         assert main(args) == 0
     finally:
         torch.set_num_threads(threads)
-    report = json.loads((out / "train_report.json").read_text())["report"]
+    made = json.loads((out / "train_report.json").read_text())
+    report = made["report"]
+    assert made["train"]["num_samples"] == 1 and made["train"]["soft_targets"] == 4
+    # a greedy and a sampled answer of up to 24 tokens per prompt (this model rarely ends early)
+    assert 40 * 23 < report["num_train_positions"] <= 2 * 40 * 23, report
     # without training a drafter accepts ~1 (only the bonus token); this pattern is learnable
     print(report)
     assert report["accepted_length"] > 1.5, report
@@ -241,3 +245,71 @@ def test_train_drafter_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys)
     (tmp_path / "file").write_text("")
     assert main(["train-drafter", "--model", str(base), "--out", str(tmp_path / "file")]) == 2
     assert "cannot create --out directory" in capsys.readouterr().err
+
+
+# ---- training set and losses -----------------------------------------------------------------
+
+def test_training_set_targets_base_argmax_on_greedy_path_within_samples():
+    """Targets are the base model's argmax (for a sampled answer not the sampled token), offsets
+    after an input the base model would not have chosen greedily are masked, and no offset reads
+    across into the next sample."""
+    from paraserve.spec_decode.train_drafter import (Sample, Teacher, TrainDrafterConfig,
+                                                     make_training_set)
+
+    a = Sample([1, 20, 21, 22, 23, 24], prompt_len=2)  # rows 0-5
+    b = Sample([1, 30, 31, 32], prompt_len=1)  # rows 6-9
+    # the base argmax at each row: a follows it except at row 2 (it said 25, the sample has 22)
+    arg_a = torch.tensor([20, 21, 25, 23, 24, 2])
+    arg_b = torch.tensor([30, 31, 32, 2])
+    teach = [Teacher(torch.stack([x, (x + 1) % V], 1), torch.tensor([[0.7, 0.2]] * len(x)))
+             for x in (arg_a, arg_b)]
+    vocab = torch.tensor([2, 20, 21, 22, 23, 24, 25, 30, 31, 32])  # drafter row i -> base id
+    row = {int(t): i for i, t in enumerate(vocab)}
+    hidden = [torch.randn(6, H), torch.randn(4, H)]
+    cfg = TrainDrafterConfig(out="unused", soft_targets=2, beam_length=3)
+    data = make_training_set([a, b], hidden, teach, vocab, 40, cfg)
+    assert data.positions.tolist() == [1, 2, 3, 6, 7]  # last prompt token .. third-to-last row
+    h, g, y, valid, sr, sp, target_h = data.batch(torch.arange(5), 3, greedy_path=True)
+    assert torch.equal(h, torch.cat(hidden)[[1, 2, 3, 6, 7]])
+    assert g[0].tolist() == [21, 22, 23] and g[3].tolist() == [30, 31, 32]
+    assert torch.equal(target_h[0], torch.cat(hidden)[[2, 3, 4]])  # the rows whose choice is learnt
+    # position 1 (g_0 = 21): row 2's argmax 25 is the target, not the sampled 22 ...
+    assert y[0, 0] == row[25] and valid[0].tolist() == [True, False, False]  # ... and 22 left the path
+    assert valid[1].tolist() == [False, False, False]  # g_0 = 22 itself is off the path
+    assert y[2].tolist() == [row[24], -100, -100] and valid[2].tolist() == [True, False, False]
+    # sample b: its last row has no next token to learn, and nothing reads into sample a
+    assert valid[3].tolist() == [True, True, False] and y[3, :2].tolist() == [row[31], row[32]]
+    assert valid[4].tolist() == [True, False, False]
+    # soft targets: top-2 as drafter rows (-1: not drafted), probabilities renormalised over them
+    assert sr[0, 0].tolist() == [row[25], -1] and sp[0, 0].tolist() == [1.0, 0.0]
+    assert sr[2, 0].tolist() == [row[24], row[25]]
+    torch.testing.assert_close(sp[2, 0], torch.tensor([0.7, 0.2]) / 0.9, atol=1e-3, rtol=0)  # stored as fp16
+    loose = data.batch(torch.arange(5), 3, greedy_path=False).valid
+    assert loose[0].tolist() == [True, True, True] and loose[3].tolist() == [True, True, False]
+
+
+@pytest.mark.parametrize("soft", [0, 2])
+def test_soft_targets_teach_the_runner_up(soft):
+    """The base model's choice is 5 (p 0.55) with 9 a close second (0.45): hard labels drive 9's
+    probability to zero, soft targets teach the drafter the runner-up its second beam needs."""
+    from paraserve.spec_decode.train_drafter import (Sample, Teacher, TrainDrafterConfig, fit,
+                                                     make_training_set)
+
+    torch.manual_seed(0)
+    samples = [Sample([1] + torch.randint(3, V, (7,)).tolist(), prompt_len=2) for _ in range(16)]
+    teach = [Teacher(torch.tensor([[5, 9, 3]] * 8), torch.tensor([[0.55, 0.45, 0.0]] * 8)) for _ in samples]
+    hidden = [torch.randn(8, H) for _ in samples]
+    cfg = TrainDrafterConfig(out="unused", soft_targets=soft, soft_weight=1.0 if soft else 0.5,
+                             greedy_path=False, beam_length=2, epochs=40, batch_size=32, lr=1e-2, bf16=False)
+    drafter = ReDrafter(ReDrafterConfig("base", V, H))
+    embed = make_embed()
+    data = make_training_set(samples, hidden, teach, torch.arange(V), V, cfg)
+    fit(drafter, data, embed, cfg)
+    h, g, _, valid, _, _, _ = data.batch(torch.arange(data.num_positions), 2, greedy_path=False)
+    with torch.no_grad():
+        p = torch.softmax(drafter(h, g, embed), -1)[valid].mean(0)
+    if soft:
+        assert p.topk(2).indices.tolist() == [5, 9]
+        assert abs(p[9] - 0.45) < 0.1, p[[5, 9]]
+    else:
+        assert p[5] > 0.9 and p[9] < 0.05, p[[5, 9]]
