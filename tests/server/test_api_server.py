@@ -255,9 +255,10 @@ def test_queue_full_is_429_with_retry_after(start_server, model_path):
             return await asyncio.gather(*(http.post(s.url + "/v1/completions", json={
                 "prompt": "hi", "max_tokens": 200, "ignore_eos": True}) for _ in range(8)))
 
-    codes = [r.status_code for r in asyncio.run(burst())]
+    responses = asyncio.run(burst())
+    codes = [r.status_code for r in responses]
     assert 200 in codes and 429 in codes  # one runs, the rest are turned away, nothing hangs
-    rejected = next(r for r in asyncio.run(burst()) if r.status_code == 429)
+    rejected = next(r for r in responses if r.status_code == 429)
     assert rejected.headers["Retry-After"] == "1" and rejected.json()["error"]["code"] == 429
     assert httpx.post(s.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
     s.stop()
