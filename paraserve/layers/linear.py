@@ -5,7 +5,7 @@ input features and all-reduce their output. At tp=1 every shard is the whole wei
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -38,23 +38,45 @@ def split_heads(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int, i
     return num_heads // tp, 1, tp // num_kv_heads
 
 
-def pack_weight(weight: torch.Tensor) -> Optional[torch.Tensor]:
-    """bf16 on CPU: the weight in oneDNN's blocked layout (what inductor's freezing does), whose
-    GEMM/GEMV run ~1.4x faster than on the plain layout. None where it does not apply."""
-    if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and torch.backends.mkldnn.is_available():
-        return torch.ops.mkldnn._reorder_linear_weight(weight.data, 64)
+class Packed(NamedTuple):
+    """A bf16 CPU weight prepacked for its GEMM: `amx` True is amx_pack_weight's tile layout
+    (every M runs on AMX tiles), False oneDNN's blocked layout (larger M only)."""
+    amx: bool
+    data: torch.Tensor
+
+
+def pack_weight(weight: torch.Tensor) -> Optional[Packed]:
+    """bf16 on CPU: the weight prepacked once. With AMX (and N, K multiples of 32) the tile layout,
+    used for every M: a few rows cost what one does (the weight stream is the bound) and each
+    row's result is independent of the batch around it. Otherwise oneDNN's blocked layout (what
+    inductor's freezing does), ~1.4x faster than the plain layout where M is large. None where
+    neither applies."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return None
+    if amx_fits(weight):
+        return Packed(True, cpu.kernels().amx_pack_weight(weight.data))
+    if torch.backends.mkldnn.is_available():
+        return Packed(False, torch.ops.mkldnn._reorder_linear_weight(weight.data, 64))
     return None
 
 
-def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: Optional[torch.Tensor],
+def amx_fits(weight: torch.Tensor) -> bool:
+    n, k = weight.shape
+    return n % 32 == 0 and k % 32 == 0 and cpu.amx_available()
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: Optional[Packed],
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ weight.T (+ bias). A decode step's few rows stream the plain weight through the
-    small-M CPU kernel (memory-bound; oneDNN reads it at half the bandwidth); larger M uses the
-    packed weight (compute-bound, where oneDNN's blocked GEMM wins)."""
+    """x [M, K] @ weight.T (+ bias). AMX-packed weights take the tile kernel for every M. Else a
+    decode step's few rows stream the plain weight through the small-M CPU kernel (memory-bound;
+    oneDNN reads it at half the bandwidth) and larger M uses oneDNN's packed weight."""
+    if packed is not None and x.dim() == 2:
+        if packed.amx and x.dtype == torch.bfloat16:
+            return cpu.kernels().amx_linear(x, packed.data, bias)
     if x.dim() == 2 and x.shape[0] <= cpu.SMALL_M_MAX and cpu.applies(x, weight):
         return cpu.kernels().small_m_linear(x, weight, bias)
-    if packed is not None and x.dim() == 2:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    if packed is not None and not packed.amx and x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 

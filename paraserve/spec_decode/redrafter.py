@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paraserve.layers.linear import pack_weight, packed_linear
+from paraserve.layers.linear import Packed, pack_weight, packed_linear
 from paraserve.spec_decode.proposer import Draft, Proposer
 
 CONFIG_FILE = "redrafter.json"
@@ -86,13 +86,13 @@ class ReDrafterConfig:
 
 
 class DraftLinear(nn.Linear):
-    """nn.Linear for training; without autograd (drafting) it takes the engine's CPU path for a
-    few rows (small-M kernel, or oneDNN-prepacked bf16 weights after pack()), several times
+    """nn.Linear for training; without autograd (drafting) it takes the engine's CPU path (bf16
+    weights prepacked by pack() for AMX tiles or oneDNN, else the small-M kernel), several times
     faster than aten's on the 4-16 rows a beam search step has."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
         super().__init__(in_features, out_features, bias)
-        self.packed: Optional[torch.Tensor] = None
+        self.packed: Optional[Packed] = None
 
     def pack(self) -> None:
         """Prepack the current weight (call again after changing its dtype or values)."""
@@ -101,7 +101,7 @@ class DraftLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (self.weight.requires_grad or x.requires_grad):
             return super().forward(x)  # training (a frozen layer still passes gradients back)
-        packed = self.packed if self.packed is not None and self.packed.dtype == self.weight.dtype else None
+        packed = self.packed if self.packed is not None and self.packed.data.dtype == self.weight.dtype else None
         return packed_linear(x, self.weight, packed, self.bias)
 
 

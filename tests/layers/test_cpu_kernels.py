@@ -49,6 +49,53 @@ def test_small_m_linear_reads_a_strided_x_and_rejects_mismatches():
         cpu.kernels().small_m_linear(torch.randn(2, 5), w, None)
 
 
+amx = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX tiles on this CPU")
+
+
+@amx
+@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 960, False), (5, 64, 96, True), (16, 1536, 576, True),
+                                           (17, 32, 64, False), (33, 576, 3072, True), (100, 96, 64, True)])
+def test_amx_linear_matches_linear_and_rows_do_not_depend_on_the_batch(m, k, n, bias):
+    torch.manual_seed(m * n)
+    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    b = torch.randn(n, dtype=torch.bfloat16) if bias else None
+    packed = cpu.kernels().amx_pack_weight(w)
+    got = cpu.kernels().amx_linear(x, packed, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert ((got.double() - ref).abs().max() / ref.abs().max()) < 8e-3  # float32 sums, one bf16 rounding
+    # each row alone, and the rows in another batch, give the same bits: a draft tree verified in
+    # one step matches decoding its tokens one by one
+    for i in {0, m // 2, m - 1}:
+        assert torch.equal(cpu.kernels().amx_linear(x[i:i + 1].clone(), packed, b)[0], got[i])
+    assert torch.equal(cpu.kernels().amx_linear(x.flip(0), packed, b), got.flip(0))
+
+
+@amx
+def test_amx_linear_reads_a_strided_x_and_rejects_what_it_cannot_pack():
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)[:, :32]
+    got = cpu.kernels().amx_linear(x, cpu.kernels().amx_pack_weight(w), None)
+    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=0.1, rtol=1e-2)
+    with pytest.raises(RuntimeError, match="N % 32"):
+        cpu.kernels().amx_pack_weight(torch.randn(40, 32, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="columns"):
+        cpu.kernels().amx_linear(torch.randn(2, 64, dtype=torch.bfloat16), cpu.kernels().amx_pack_weight(w), None)
+
+
+@amx
+def test_linear_layer_on_amx_gives_each_row_the_same_numbers_at_every_batch_size():
+    parallel_state.init_single_process()
+    layer = linear.ReplicatedLinear(64, 96, bias=True).to(torch.bfloat16)
+    torch.nn.init.normal_(layer.weight), torch.nn.init.normal_(layer.bias)
+    layer.process_weights_after_loading()
+    assert layer.packed.amx
+    x = torch.randn(70, 64, dtype=torch.bfloat16)
+    full = layer(x)
+    for rows in (1, 7, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1):
+        assert torch.equal(layer(x[:rows]), full[:rows])
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_layer_uses_the_kernel_for_few_rows(monkeypatch, dtype):
     parallel_state.init_single_process()

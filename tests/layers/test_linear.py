@@ -11,11 +11,12 @@ init_single_process()
 
 
 @pytest.mark.parametrize("rows", [1, 7, 64, 300])
-def test_packed_bf16_linear_equals_f_linear(rows):
+@pytest.mark.parametrize("k", [80, 64])  # 64: AMX tiles where the CPU has them; 80: oneDNN
+def test_packed_bf16_linear_equals_f_linear(rows, k):
     torch.manual_seed(0)
-    w = torch.randn(96, 80, dtype=torch.bfloat16)
+    w = torch.randn(96, k, dtype=torch.bfloat16)
     b = torch.randn(96, dtype=torch.bfloat16)
-    x = torch.randn(rows, 80, dtype=torch.bfloat16)
+    x = torch.randn(rows, k, dtype=torch.bfloat16)
     packed = pack_weight(w)
     if packed is None:
         pytest.skip("oneDNN is not available")

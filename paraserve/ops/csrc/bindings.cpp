@@ -12,6 +12,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("scale"), py::arg("extra_slots") = py::none(), py::arg("extra_lens") = py::none(), nogil);
   m.def("small_m_linear", &small_m_linear, "x @ w.T (+ bias) for a few rows of x", nogil);
+  m.def("amx_available", &amx_available, "AMX tiles built in and granted by the OS");
+  m.def("amx_pack_weight", &amx_pack_weight, "bf16 w [N, K] -> the tile layout amx_linear reads");
+  m.def("amx_linear", &amx_linear, "(x, packed, bias or None) -> x @ w.T (+ bias) on AMX tiles", nogil);
   m.def("rms_norm", &rms_norm, "(x, residual or None, weight, eps) -> normed; residual += x in place", nogil);
   m.def("rope_and_cache", &rope_and_cache,
         "(q, k, v, positions, cos, sin, kv_cache, slot_mapping): rotary in place, k/v into the cache", nogil);

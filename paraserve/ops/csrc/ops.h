@@ -21,6 +21,13 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
 // x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] for a few rows M: streams w once from memory.
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
 
+// bf16 x [M, K] @ w[N, K]^T (+ bias [N]) on AMX tiles, w packed by amx_pack_weight (N and K
+// multiples of 32). Each row's result is independent of M. amx_available(): this build and CPU
+// have AMX and the OS granted the tile state.
+bool amx_available();
+at::Tensor amx_pack_weight(const at::Tensor& w);
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+
 // With residual: residual += x in place, then returns rms_norm(residual) * weight; without,
 // returns rms_norm(x) * weight. x, residual [T, H]; weight [H]. Rounds as the torch reference.
 at::Tensor rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
