@@ -59,9 +59,10 @@ class TrainDrafterConfig:
     num_prompts: Optional[int] = _f(None, "training prompts (default: all but the held-out ones)")
     num_heldout: int = _f(32, "held-out prompts for the accepted-length report")
     max_tokens: int = _f(192, "max response tokens per prompt")
-    num_samples: int = _f(0, "sampled answers per training prompt, besides its greedy one")
-    temperature: float = _f(0.8, "sampling temperature of those answers (held-out: greedy)")
-    epochs: int = _f(4, "passes over the training positions")
+    num_samples: int = _f(3, "sampled answers per training prompt, besides its greedy one")
+    temperature: float = _f(0.8, "sampling temperature of those answers (held-out answers: greedy)")
+    gen_batch: int = _f(256, "requests in flight while generating (the engine's max_num_seqs here)")
+    epochs: int = _f(1, "passes over the training positions")
     batch_size: int = _f(256, "positions per training step")
     lr: float = _f(1e-3, "peak AdamW learning rate (warmup, then cosine decay)")
     beam_width: int = _f(4, "beams in the held-out evaluation")
@@ -69,7 +70,7 @@ class TrainDrafterConfig:
     draft_vocab_size: Optional[int] = _f(8192, "drafted vocabulary: the tokens the base model picks most "
                                                 "often in the generated data (0: the whole vocabulary)")
     num_blocks: int = _f(2, "residual blocks in the drafter head")
-    soft_targets: int = _f(0, "distil the base model's top-k next-token distribution at every offset, "
+    soft_targets: int = _f(16, "distil the base model's top-k next-token distribution at every offset, "
                               "besides its argmax (0: the argmax alone, a hard label)")
     soft_weight: float = _f(0.5, "weight of the soft-target loss; the argmax loss gets 1 - this")
     greedy_path: bool = _f(True, "mask offsets whose inputs left the base model's greedy path")
@@ -85,7 +86,8 @@ class TrainDrafterConfig:
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("train-drafter needs --out DIR")
-        positive = ("num_heldout", "max_tokens", "epochs", "batch_size", "beam_width", "beam_length")
+        positive = ("num_heldout", "max_tokens", "epochs", "batch_size", "beam_width", "beam_length",
+                    "gen_batch")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -173,8 +175,10 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     _check_out(cfg.out)  # before minutes of work, not after
     train_prompts, heldout_prompts = split_prompts(cfg)
     if engine_args.get("kv_cache_memory") is None:
-        # generation needs a few hundred MB; zeroing the default share of RAM takes seconds
-        engine_args = {**engine_args, "kv_cache_memory": "1GiB"}
+        # generation needs ~2 GB at gen_batch 256; zeroing the default share of RAM takes seconds
+        engine_args = {**engine_args, "kv_cache_memory": "2GiB"}
+    # more requests in flight: batched decode on a CPU gets faster per token up to a few hundred
+    engine_args = {**engine_args, "max_num_seqs": cfg.gen_batch}
     llm = LLM(**engine_args)
     model, name = llm.engine.worker.model, llm.engine.source.name
     lap("load")
