@@ -221,9 +221,9 @@ def sampling_probs(x: torch.Tensor, meta: SamplingMetadata, normalize: bool = Tr
 
 
 def _sample(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:
-    """Temperature, top-k, top-p, min-p, then the exponential race. Modifies x."""
-    # no renormalisation needed: the race is invariant to scaling a row
-    return _exponential_race(sampling_probs(x, meta, normalize=False), meta.generators)
+    """Temperature, top-k, top-p, min-p, then an inverse-CDF draw. Modifies x."""
+    # no renormalisation needed: the draw scales u by each row's sum
+    return _inverse_cdf(sampling_probs(x, meta, normalize=False), meta.generators)
 
 
 def _apply_top_k_top_p(x: torch.Tensor, top_k: Optional[torch.Tensor],
@@ -242,16 +242,19 @@ def _apply_top_k_top_p(x: torch.Tensor, top_k: Optional[torch.Tensor],
     return x.scatter_(1, order, sorted_x)
 
 
-def _exponential_race(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
-    """argmax(p / q), q ~ Exp(1), is a draw from p: no cumsum/multinomial, no host sync."""
-    q = torch.empty_like(probs).exponential_()  # [B, V] one batched draw for unseeded rows
+def _inverse_cdf(probs: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+    """One uniform u per row; the token is the first whose running sum of probs passes u times the
+    row's sum. A seeded request draws its one number from its own generator, so its stream, and
+    thus its tokens, do not depend on the batch it lands in. (An exponential race needs V draws
+    per row: ~1 ms for a 49k vocabulary on CPU, a quarter second per step at batch 256.)"""
+    u = torch.rand(probs.shape[0], device=probs.device)  # [B]
     for i, g in generators.items():
-        # V draws per step from the request's own generator: the stream, and thus the
-        # tokens, do not depend on the batch the request lands in
-        q[i].exponential_(generator=g)
-    # an exact 0 draw would make 0/0 = NaN, which argmax ranks highest
-    q.clamp_(min=torch.finfo(q.dtype).tiny)
-    return argmax(probs.div_(q))
+        u[i] = torch.rand((), generator=g, device=probs.device)
+    if cpu.applies(probs) and probs.dtype == torch.float32 and probs.stride(-1) == 1:
+        return cpu.kernels().sample_rows(probs, u)
+    cdf = probs.cumsum(-1)  # [B, V]; no host sync on GPU
+    picked = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return picked.clamp_(max=probs.shape[1] - 1)
 
 
 def top_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,

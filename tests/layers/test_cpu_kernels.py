@@ -161,3 +161,22 @@ def test_argmax_takes_the_first_maximum_and_ranks_nan_highest(dtype):
     x[4] = 0.0
     torch.testing.assert_close(sampler.argmax(x), x.argmax(-1), atol=0, rtol=0)
     assert sampler.argmax(x)[1] == 10 and sampler.argmax(x)[3] == 500 and sampler.argmax(x)[4] == 0
+
+
+def test_sample_rows_is_the_inverse_cdf_and_never_picks_a_zero():
+    # exact binary fractions: running sums are exact, so every boundary is known
+    probs = torch.zeros(3, 40)
+    probs[0, [3, 17, 18, 39]] = torch.tensor([0.25, 0.5, 0.0, 0.25])
+    probs[1, 0] = 2.0  # unnormalised: a single token
+    probs[2, 16:32] = 1.0  # one full vector, scanned token by token
+    for u, want in [(0.0, [3, 0, 16]), (0.2499, [3, 0, 19]), (0.25, [17, 0, 20]), (0.74, [17, 0, 27]),
+                    (0.75, [39, 0, 28]), (0.9999, [39, 0, 31])]:
+        got = cpu.kernels().sample_rows(probs, torch.full((3,), u))
+        assert got.tolist() == want, u
+    # a large random vocabulary: matches the cumsum/searchsorted reference away from boundaries
+    torch.manual_seed(0)
+    p = torch.rand(8, 49152) ** 8
+    u = torch.rand(8)
+    cdf = p.double().cumsum(-1)
+    ref = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    assert (cpu.kernels().sample_rows(p, u) - ref).abs().max() <= 1

@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_and_cache", &rope_and_cache,
         "(q, k, v, positions, cos, sin, kv_cache, slot_mapping): rotary in place, k/v into the cache", nogil);
   m.def("silu_and_mul", &silu_and_mul, "gate_up [T, 2I] -> silu(gate) * up", nogil);
+  m.def("sample_rows", &sample_rows, "(probs [B, V], u [B]) -> inverse-CDF draw per row", nogil);
   m.def("argmax_rows", &argmax_rows, "first argmax of each row", nogil);
   m.attr("HEAD_DIM_MULTIPLE") = kLanes;
 }

@@ -134,6 +134,45 @@ void argmax_rows_impl(const T* x, int64_t stride, int64_t rows, int64_t cols, in
   });
 }
 
+// Inverse-CDF draw per row: the first index whose running sum of p exceeds u * sum(p). The scan
+// adds a vector's worth at a time and steps token by token only inside the vector that crosses,
+// so a row costs about one pass over half its vocabulary. A crossing token always has p > 0; if
+// rounding leaves the scan short of the target, the last token with p > 0 is taken.
+void sample_rows_impl(const float* p, int64_t stride, int64_t rows, int64_t cols, const float* u, int64_t* out) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* row = p + r * stride;
+      vec total_v = {};
+      int64_t i = 0;
+      for (; i + kLanes <= cols; i += kLanes) total_v += load(row + i);
+      float total = hsum(total_v);
+      for (; i < cols; ++i) total += row[i];
+      const float target = u[r] * total;
+      float acc = 0.0f;
+      int64_t pick = -1;
+      for (i = 0; i < cols && pick < 0; i += kLanes) {
+        const int64_t n = std::min(kLanes, cols - i);
+        const float s = n == kLanes ? hsum(load(row + i)) : 0.0f;
+        if (n == kLanes && acc + s <= target) {
+          acc += s;
+          continue;
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          acc += row[i + j];
+          if (acc > target && row[i + j] > 0.0f) {
+            pick = i + j;
+            break;
+          }
+        }
+      }
+      for (int64_t j = cols - 1; pick < 0 && j >= 0; --j) {
+        if (row[j] > 0.0f) pick = j;
+      }
+      out[r] = pick < 0 ? 0 : pick;
+    }
+  });
+}
+
 template <typename F>
 void by_dtype(const at::Tensor& t, const char* what, F&& f) {
   if (t.scalar_type() == at::kFloat) {
@@ -219,6 +258,19 @@ at::Tensor argmax_rows(const at::Tensor& x) {
     using T = decltype(tag);
     argmax_rows_impl<T>(x.data_ptr<T>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<int64_t>());
   });
+  return out;
+}
+
+at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u) {
+  TORCH_CHECK(probs.dim() == 2 && probs.size(1) > 0 && probs.stride(1) == 1 && probs.device().is_cpu() &&
+                  probs.scalar_type() == at::kFloat,
+              "sample_rows expects float32 probs [B, V] on CPU, rows contiguous");
+  TORCH_CHECK(u.dim() == 1 && u.size(0) == probs.size(0) && u.scalar_type() == at::kFloat,
+              "sample_rows expects float32 u [B]");
+  const at::Tensor uc = u.contiguous();
+  at::Tensor out = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
+  sample_rows_impl(probs.data_ptr<float>(), probs.stride(0), probs.size(0), probs.size(1), uc.data_ptr<float>(),
+                   out.data_ptr<int64_t>());
   return out;
 }
 

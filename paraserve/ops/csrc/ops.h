@@ -46,4 +46,8 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 // Row-wise argmax of x [B, V] (first index of the maximum) -> [B] int64, rows in parallel.
 at::Tensor argmax_rows(const at::Tensor& x);
 
+// One draw per row of probs [B, V] (unnormalised, >= 0) from uniforms u [B] in [0, 1):
+// the first index whose running sum exceeds u * row sum (inverse CDF) -> [B] int64.
+at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u);
+
 }  // namespace paraserve
