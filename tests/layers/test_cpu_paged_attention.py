@@ -58,6 +58,9 @@ def naive_decode(q, k, v, scale):
     (torch.bfloat16, [1, 15, 16, 17, 300, 31, 32, 33, 64, 2, 129, 250, 5], 9, 3, 64),
     (torch.float32, [1, 15, 16, 17, 200, 31, 32, 33, 64, 2, 129, 250, 5], 8, 1, 80),  # MQA, runtime D
     (torch.bfloat16, [17, 1, 100], 4, 2, 128),
+    (torch.bfloat16, [33, 7], 8, 2, 64),  # bf16 pair path: 4 heads per KV head
+    (torch.bfloat16, [18, 3], 2, 2, 64),  # one head per KV head
+    (torch.bfloat16, [40], 16, 2, 64),  # 8 heads per KV head: the widening path
 ])
 def test_kernel_matches_naive_attention(kernel, dtype, seq_lens, h, kvh, d):
     torch.manual_seed(0)
