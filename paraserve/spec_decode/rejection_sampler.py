@@ -52,7 +52,12 @@ class VerifyOutput:
 def verify_greedy(target_logits: torch.Tensor, trees: PackedTrees) -> VerifyOutput:
     """target_logits: [B, N, V] (row i predicts the token after node i), after any processing
     that can change the argmax. Emits exactly what greedy decoding with these logits would."""
-    argmax = target_logits.argmax(-1)  # [B, N]; the same tie-break as Sampler's greedy path
+    return verify_greedy_argmax(target_logits.argmax(-1), trees)  # Sampler's tie-break
+
+
+def verify_greedy_argmax(argmax: torch.Tensor, trees: PackedTrees) -> VerifyOutput:
+    """verify_greedy from the target's argmax per node, [B, N]: the engine takes it from the
+    flat logits with the CPU argmax kernel rather than gathering [B, N, V] logits first."""
     ok = trees.node_tokens == argmax.gather(1, trees.node_parents)  # [B, N]
     ok[:, 0] = True
     real = trees.attn_mask.diagonal(dim1=1, dim2=2)  # [B, N]; False on padding nodes
