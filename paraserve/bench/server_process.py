@@ -3,6 +3,7 @@ benchmark reads the URL the server prints, so no port is ever hard-coded."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import re
 import signal
@@ -33,13 +34,33 @@ def serve_flags(args: argparse.Namespace) -> list[str]:
     return out
 
 
+def _libc() -> Optional[ctypes.CDLL]:
+    try:
+        return ctypes.CDLL("libc.so.6") if sys.platform == "linux" else None
+    except OSError:
+        return None
+
+
+_LIBC = _libc()  # loaded before any fork: the child below must not import or lock anything
+
+
+def _stop_with_parent() -> None:
+    """Runs in the server's process between fork and exec: SIGTERM (the server's graceful
+    shutdown) when the benchmark process dies (PR_SET_PDEATHSIG)."""
+    if _LIBC is not None:
+        _LIBC.prctl(1, signal.SIGTERM)
+
+
 class ServerProcess:
     def __init__(self, flags: list[str], start_timeout: float = 600.0) -> None:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "paraserve.server.cli", "serve", *flags,
              "--host", "127.0.0.1", "--port", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+            # a benchmark stopped by a signal that runs no cleanup (SIGTERM, SIGKILL) still takes
+            # its server down: SIGTERM is the server's graceful shutdown
+            preexec_fn=_stop_with_parent if _LIBC is not None else None)
         self.lines: list[str] = []
         self.dtype: Optional[str] = None
         try:

@@ -237,3 +237,37 @@ def test_serve_sweep_against_a_real_server(tiny_model_dir, tmp_path):
             assert 0 < ours[key]["p50"] <= ours[key]["p99"]
         assert ours["output_tokens_per_s"] > 0 and res["transformers"][c]["output_tokens_per_s"] > 0
         assert res["ratio_output_tokens_per_s"][c] > 0
+
+
+def test_a_killed_benchmark_takes_its_server_down(tiny_model_dir, tmp_path):
+    """SIGKILL runs no cleanup in the benchmark: the server it started must still go (it gets
+    SIGTERM, its graceful shutdown, when its parent dies)."""
+    import os
+    import signal
+    import time
+
+    script = ("import sys\nfrom paraserve.bench.server_process import ServerProcess\n"
+              f"s = ServerProcess(['--model', {str(tiny_model_dir('llama'))!r}, *{ENGINE!r}])\n"
+              "print(s.proc.pid, flush=True)\nimport time\ntime.sleep(600)\n")
+    bench_proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        server_pid = int(bench_proc.stdout.readline())
+        os.kill(server_pid, 0)  # serving
+        bench_proc.kill()
+        bench_proc.wait()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                os.kill(server_pid, 0)
+            except ProcessLookupError:
+                break
+            try:  # reap it if it became our child's zombie under a subreaper
+                os.waitpid(server_pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+        else:
+            os.kill(server_pid, signal.SIGKILL)
+            pytest.fail("the server outlived the benchmark that started it")
+    finally:
+        bench_proc.kill()
