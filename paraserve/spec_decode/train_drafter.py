@@ -310,10 +310,13 @@ def _teacher(model, hidden: "torch.Tensor", k: int, chunk: int = 512) -> Teacher
     ids, probs = [], []
     with torch.inference_mode():
         for a in range(0, len(hidden), chunk):
-            p = torch.softmax(model.compute_logits(hidden[a:a + chunk]).float(), dim=-1)
-            top = p.topk(k, dim=-1)  # sorted: column 0 is the argmax
+            # top-k of the logits, then exp(logit - logsumexp): no [chunk, V] softmax written
+            # and read back (the full-vocabulary passes were most of this stage's time)
+            logits = model.compute_logits(hidden[a:a + chunk])  # [chunk, V]
+            top = logits.topk(k, dim=-1)  # sorted: column 0 is the argmax
+            lse = torch.logsumexp(logits.float(), dim=-1, keepdim=True)
             ids.append(top.indices)
-            probs.append(top.values)
+            probs.append((top.values.float() - lse).exp())
     return Teacher(torch.cat(ids).clone(), torch.cat(probs).clone())
 
 

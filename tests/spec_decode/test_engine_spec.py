@@ -362,3 +362,18 @@ def test_smollm2_greedy_identical_with_speculation(smollm2_path, tmp_path):
     out, _ = _drive(llm, prompts, spec, arrivals)
     assert _tokens(out) == _tokens(ref)
     assert llm.engine.spec_decoding_stats().num_accepted_tokens > before
+
+
+def test_shipped_drafter_works_out_of_the_box_in_bf16(smollm2_path):
+    """`{"method": "redrafter"}` alone loads the drafter shipped for the default model; in bf16
+    (dtype auto) greedy output is the plain output, and the drafter's tokens are accepted."""
+    llm = LLM(max_model_len=512, kv_cache_memory="64MiB", speculative_config={"method": "redrafter"})
+    prompts = [llm.apply_chat_template([{"role": "user", "content": c}])
+               for c in ("Why is the sky blue?", "Write a short poem about the sea.")]
+    plain = SamplingParams(temperature=0, max_tokens=48, speculative=False)
+    spec = SamplingParams(temperature=0, max_tokens=48)
+    ref, _ = _drive(llm, prompts, plain, [0, 0])
+    out, _ = _drive(llm, prompts, spec, [0, 0])
+    assert _tokens(out) == _tokens(ref)
+    stats = llm.engine.spec_decoding_stats()
+    assert stats.num_accepted_tokens > 0 and stats.num_drafts > 0
