@@ -28,6 +28,8 @@
 namespace paraserve {
 namespace {
 
+constexpr int64_t kPrefetchTiles = 2;  // tiles of K/V rows requested ahead of the one in use
+
 // The problem as raw pointers and sizes; strides in elements.
 template <typename T>
 struct Problem {
@@ -73,6 +75,29 @@ void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
   }
   std::fill(w.krows.begin() + n, w.krows.end(), w.krows[0]);
   std::fill(w.vrows.begin() + n, w.vrows.end(), w.vrows[0]);
+}
+
+// Prefetch the K and V rows of tokens [t0, t0 + kLanes) of query b, KV head h. Blocks sit
+// anywhere in the cache, so the hardware prefetchers cannot follow a request's rows: without
+// this a batch-64 step read K/V at ~6 GB/s, a quarter of the machine's bandwidth.
+template <typename T>
+void prefetch_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t t0) {
+  const int64_t n = std::min(kLanes, p.length(b) - t0);
+  const int64_t* table = p.tables + b * p.max_blocks;
+  const int64_t ctx = p.seq_lens[b];
+  const int64_t bytes = p.head_dim * static_cast<int64_t>(sizeof(T));
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = t0 + i;
+    const int64_t slot = t < ctx ? table[t / p.block_size] * p.block_size + t % p.block_size
+                                 : p.extra[b * p.extra_stride + t - ctx];
+    const int64_t blk = slot / p.block_size, off = slot % p.block_size;
+    const char* kr = reinterpret_cast<const char*>(p.k + blk * p.k_blk + off * p.k_row + h * p.k_head);
+    const char* vr = reinterpret_cast<const char*>(p.v + blk * p.v_blk + off * p.v_row + h * p.v_head);
+    for (int64_t c = 0; c < bytes; c += 64) {
+      __builtin_prefetch(kr + c, 0, 3);
+      __builtin_prefetch(vr + c, 0, 3);
+    }
+  }
 }
 
 // q . k_i for the tile's rows; kC = D / kLanes when fixed at compile time, else 0.
@@ -140,8 +165,10 @@ void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<a
   alignas(64) uint32_t pairs[G][kLanes / 2];  // each head's tile probabilities, as bf16 pairs
   const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                               38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int64_t n = std::min(kLanes, len - t0);
+    if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
     tile_rows(p, b, h, t0, n, w);
     for (int64_t g = 0; g < G; ++g) {
       vec d[kLanes];
@@ -207,8 +234,10 @@ void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
   std::fill(w.acc.begin(), w.acc.end(), vec{});
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
+  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int64_t n = std::min(kLanes, len - t0);
+    if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
     tile_rows(p, b, h, t0, n, w);
     for (int64_t g = 0; g < g_heads; ++g) {
       vec s = score<kC>(w.q.data() + g * nc, w.krows.data(), nc);
