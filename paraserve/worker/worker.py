@@ -21,6 +21,7 @@ from paraserve.distributed import parallel_state
 from paraserve.distributed.ring import RingStats
 from paraserve.models.loader import ModelSource, iter_weights
 from paraserve.models.registry import get_model_class
+from paraserve.ops import memory
 from paraserve.spec_decode.speculator import Speculator
 from paraserve.worker.model_runner import ModelRunner
 
@@ -152,8 +153,7 @@ class Worker:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = self.model.layers[0].self_attn.num_kv_heads
         shape = (2, num_blocks, self.config.cache.block_size, kv_heads, head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                          for _ in range(cfg.num_hidden_layers)]
+        self.kv_caches = [memory.zeros(shape, self.dtype, self.device) for _ in range(cfg.num_hidden_layers)]
         self.runner.bind_kv_cache(self.kv_caches)
 
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
