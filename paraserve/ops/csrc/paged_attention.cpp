@@ -47,6 +47,12 @@ struct Problem {
   float scale;
 
   int64_t length(int64_t b) const { return seq_lens[b] + (extra_lens ? extra_lens[b] : 0); }
+  // The cache slot of query b's token t: through the block table, then the extra slots.
+  int64_t slot(int64_t b, int64_t t) const {
+    const int64_t ctx = seq_lens[b];
+    return t < ctx ? tables[b * max_blocks + t / block_size] * block_size + t % block_size
+                   : extra[b * extra_stride + t - ctx];
+  }
 };
 
 // Per-thread state of one (request, KV head): its G query heads, their accumulators and running
@@ -63,12 +69,8 @@ struct Scratch {
 // its first row, so scoring a full tile reads valid memory (those lanes are masked).
 template <typename T>
 void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, Scratch<T>& w) {
-  const int64_t* table = p.tables + b * p.max_blocks;
-  const int64_t ctx = p.seq_lens[b];
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t slot = t < ctx ? table[t / p.block_size] * p.block_size + t % p.block_size
-                                 : p.extra[b * p.extra_stride + t - ctx];
+    const int64_t slot = p.slot(b, t0 + i);
     const int64_t blk = slot / p.block_size, off = slot % p.block_size;
     w.krows[i] = p.k + blk * p.k_blk + off * p.k_row + h * p.k_head;
     w.vrows[i] = p.v + blk * p.v_blk + off * p.v_row + h * p.v_head;
@@ -83,13 +85,9 @@ void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n,
 template <typename T>
 void prefetch_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t t0) {
   const int64_t n = std::min(kLanes, p.length(b) - t0);
-  const int64_t* table = p.tables + b * p.max_blocks;
-  const int64_t ctx = p.seq_lens[b];
   const int64_t bytes = p.head_dim * static_cast<int64_t>(sizeof(T));
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t t = t0 + i;
-    const int64_t slot = t < ctx ? table[t / p.block_size] * p.block_size + t % p.block_size
-                                 : p.extra[b * p.extra_stride + t - ctx];
+    const int64_t slot = p.slot(b, t0 + i);
     const int64_t blk = slot / p.block_size, off = slot % p.block_size;
     const char* kr = reinterpret_cast<const char*>(p.k + blk * p.k_blk + off * p.k_row + h * p.k_head);
     const char* vr = reinterpret_cast<const char*>(p.v + blk * p.v_blk + off * p.v_row + h * p.v_head);
@@ -98,6 +96,17 @@ void prefetch_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t t0) {
       __builtin_prefetch(vr + c, 0, 3);
     }
   }
+}
+
+template <typename T>
+void prefetch_first_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t len) {
+  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
+}
+
+// While tile t0 is in use, request the one kPrefetchTiles on.
+template <typename T>
+void prefetch_ahead(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t len) {
+  if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
 }
 
 // q . k_i for the tile's rows; kC = D / kLanes when fixed at compile time, else 0.
@@ -165,10 +174,10 @@ void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<a
   alignas(64) uint32_t pairs[G][kLanes / 2];  // each head's tile probabilities, as bf16 pairs
   const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                               38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
+  prefetch_first_tiles(p, b, h, len);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int64_t n = std::min(kLanes, len - t0);
-    if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
+    prefetch_ahead(p, b, h, t0, len);
     tile_rows(p, b, h, t0, n, w);
     for (int64_t g = 0; g < G; ++g) {
       vec d[kLanes];
@@ -234,10 +243,10 @@ void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
   std::fill(w.acc.begin(), w.acc.end(), vec{});
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
-  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
+  prefetch_first_tiles(p, b, h, len);
   for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
     const int64_t n = std::min(kLanes, len - t0);
-    if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
+    prefetch_ahead(p, b, h, t0, len);
     tile_rows(p, b, h, t0, n, w);
     for (int64_t g = 0; g < g_heads; ++g) {
       vec s = score<kC>(w.q.data() + g * nc, w.krows.data(), nc);
