@@ -109,6 +109,19 @@ void prefetch_ahead(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64
   if (t0 + kPrefetchTiles * kLanes < len) prefetch_tile(p, b, h, t0 + kPrefetchTiles * kLanes);
 }
 
+// The tile walk both kernels share: tokens [0, len) of query b, KV head h, kLanes at a time,
+// rows prefetched ahead and their pointers in w; body(n) for each tile of n tokens.
+template <typename T, typename F>
+void for_each_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t len, Scratch<T>& w, F&& body) {
+  prefetch_first_tiles(p, b, h, len);
+  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
+    const int64_t n = std::min(kLanes, len - t0);
+    prefetch_ahead(p, b, h, t0, len);
+    tile_rows(p, b, h, t0, n, w);
+    body(n);
+  }
+}
+
 // q . k_i for the tile's rows; kC = D / kLanes when fixed at compile time, else 0.
 template <int64_t kC, typename T>
 vec score(const vec* q, const T* const* rows, int64_t nc_rt) {
@@ -174,11 +187,7 @@ void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<a
   alignas(64) uint32_t pairs[G][kLanes / 2];  // each head's tile probabilities, as bf16 pairs
   const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                               38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  prefetch_first_tiles(p, b, h, len);
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int64_t n = std::min(kLanes, len - t0);
-    prefetch_ahead(p, b, h, t0, len);
-    tile_rows(p, b, h, t0, n, w);
+  for_each_tile(p, b, h, len, w, [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
       vec d[kLanes];
       for (int64_t i = 0; i < kLanes; ++i) {
@@ -206,7 +215,7 @@ void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<a
         }
       }
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g) {
     const float inv = len > 0 ? 1.0f / l[g] : 0.0f;
     for (int64_t c = 0; c < kC; ++c) store(p.out + offset + (g * kC + c) * kLanes, acc[g][c] * inv);
@@ -243,18 +252,14 @@ void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
   std::fill(w.acc.begin(), w.acc.end(), vec{});
   std::fill(w.m.begin(), w.m.end(), -std::numeric_limits<float>::infinity());
   std::fill(w.l.begin(), w.l.end(), 0.0f);
-  prefetch_first_tiles(p, b, h, len);
-  for (int64_t t0 = 0; t0 < len; t0 += kLanes) {
-    const int64_t n = std::min(kLanes, len - t0);
-    prefetch_ahead(p, b, h, t0, len);
-    tile_rows(p, b, h, t0, n, w);
+  for_each_tile(p, b, h, len, w, [&](int64_t n) {
     for (int64_t g = 0; g < g_heads; ++g) {
       vec s = score<kC>(w.q.data() + g * nc, w.krows.data(), nc);
       s = lane_index(Lanes{}) < static_cast<int32_t>(n) ? s : splat(-std::numeric_limits<float>::infinity());
       const vec probs = softmax_update(s, w.m[g], w.l[g], w.acc.data() + g * nc, nc);
       accumulate<kC>(probs, w.vrows.data(), n, nc, w.acc.data() + g * nc);
     }
-  }
+  });
   for (int64_t g = 0; g < g_heads; ++g) {
     const float inv = len > 0 ? 1.0f / w.l[g] : 0.0f;  // an empty sequence attends to nothing
     for (int64_t c = 0; c < nc; ++c) store(p.out + offset + (g * nc + c) * kLanes, w.acc[g * nc + c] * inv);
