@@ -25,6 +25,8 @@ class ModelConfig:
     max_model_len: Optional[int] = _f(None, "context length (default: the model's max positions)")
     seed: int = _f(0, "seed for requests without their own seed")
     served_model_name: Optional[str] = _f(None, "model name reported by the API")
+    enforce_eager: bool = _f(False, "run every step module by module in Python (no C++ decoder "
+                                    "stack for CPU decode steps)")
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 1:

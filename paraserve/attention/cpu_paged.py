@@ -69,7 +69,7 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
             return super().attend(q, k, v, kv_cache, meta, scale)
         plan = meta.scratch.get("cpu_plan")
         if plan is None:
-            plan = meta.scratch["cpu_plan"] = _kernel_plan(meta)
+            plan = meta.scratch["cpu_plan"] = kernel_plan(meta)
         out = torch.empty_like(q)
         out[plan.rows] = cpu.kernels().paged_decode_attention(
             q[plan.rows], kv_cache[0], kv_cache[1], plan.tables, plan.ctx_lens, scale, plan.extra, plan.extra_lens)
@@ -77,7 +77,7 @@ class CpuPagedAttentionBackend(TorchAttentionBackend):
         return out
 
 
-def _kernel_plan(meta: AttentionMetadata) -> _KernelPlan:
+def kernel_plan(meta: AttentionMetadata) -> _KernelPlan:
     """Decode tokens read their whole sequence through the table; node j of a tree of n nodes
     reads the context before the tree, then the slots of the nodes its mask row selects (its
     ancestors and itself; nodes are in topological order, so index order is depth order)."""

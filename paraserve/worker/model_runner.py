@@ -35,6 +35,7 @@ from paraserve.sampling_params import SamplingParams
 from paraserve.spec_decode.speculator import Speculator
 from paraserve.spec_decode.tree import DraftTree, PackedTrees, pack_trees
 from paraserve.worker.cp_inputs import CPPlan, plan_step
+from paraserve.worker.decode_stack import DecodeStack
 
 
 @dataclass
@@ -76,8 +77,11 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, vocab_size: int, block_size: int,
                  device: torch.device, default_seed: int, max_model_len: int,
-                 speculator: Optional[Speculator] = None, cp_local_size: Optional[int] = None) -> None:
+                 speculator: Optional[Speculator] = None, cp_local_size: Optional[int] = None,
+                 enforce_eager: bool = False) -> None:
         self.model = model
+        self.enforce_eager = enforce_eager  # no C++ decoder stack: every step runs the modules
+        self.stack: Optional[DecodeStack] = None
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
@@ -97,6 +101,7 @@ class ModelRunner:
     def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
         for layer, cache in zip(self.model.attention_layers(), caches):
             layer.kv_cache = cache
+        self.stack = None if self.enforce_eager else DecodeStack.build(self.model)
 
     # ---- state -------------------------------------------------------------------------
 
@@ -251,7 +256,9 @@ class ModelRunner:
             return ModelRunnerOutput({})
         inp = self._prepare(out)
         with forward_context(inp.meta):
-            hidden = self.model(inp.input_ids, inp.meta.positions)  # [T, hidden]
+            hidden = self.stack.forward(inp.input_ids, inp.meta) if self.stack is not None else None
+            if hidden is None:
+                hidden = self.model(inp.input_ids, inp.meta.positions)  # [T, hidden]
         result = ModelRunnerOutput({})
         if inp.prompt_lp:
             self._prompt_logprobs(hidden, inp, result)

@@ -120,7 +120,7 @@ class Worker:
             speculator = Speculator(config.speculative, self.model, source.name, hf_config.vocab_size)
         self.runner = ModelRunner(self.model, hf_config.vocab_size, config.kv_block_tokens,
                                   self.device, config.model.seed, max_model_len, speculator,
-                                  config.parallel.cp_local_size)
+                                  config.parallel.cp_local_size, config.model.enforce_eager)
 
     @property
     def dtype_name(self) -> str:

@@ -21,5 +21,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "gate_up [T, 2I] -> silu(gate) * up", nogil);
   m.def("sample_rows", &sample_rows, "(probs [B, V], u [B]) -> inverse-CDF draw per row", nogil);
   m.def("argmax_rows", &argmax_rows, "first argmax of each row", nogil);
+  py::class_<DecoderStack>(m, "DecoderStack")
+      .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>(),
+           py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),
+           py::arg("cos"), py::arg("sin"), py::arg("final_norm"))
+      .def("add_layer", &DecoderStack::add_layer, py::arg("input_norm"), py::arg("qkv"), py::arg("o"),
+           py::arg("post_norm"), py::arg("gate_up"), py::arg("down"), py::arg("q_norm"), py::arg("k_norm"),
+           py::arg("kv_cache"))
+      .def("forward", &DecoderStack::forward, py::arg("x"), py::arg("positions"), py::arg("slot_mapping"),
+           py::arg("block_tables"), py::arg("ctx_lens"), py::arg("extra_slots") = py::none(),
+           py::arg("extra_lens") = py::none(), nogil)
+      .def_property_readonly("num_layers", &DecoderStack::num_layers);
   m.attr("HEAD_DIM_MULTIPLE") = kLanes;
 }

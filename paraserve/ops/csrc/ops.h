@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <tuple>
+#include <vector>
 
 namespace paraserve {
 
@@ -49,5 +51,45 @@ at::Tensor argmax_rows(const at::Tensor& x);
 // One draw per row of probs [B, V] (unnormalised, >= 0) from uniforms u [B] in [0, 1):
 // the first index whose running sum exceeds u * row sum (inverse CDF) -> [B] int64.
 at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u);
+
+// A Llama-family decoder stack for decode steps (every query one decode token or one draft-tree
+// node), layer after layer in C++ with the kernels above; decoder_stack.cpp.
+class DecoderStack {
+ public:
+  // (weight [N, K], amx_pack_weight(weight) or None for small_m_linear, bias or None)
+  using LinearArgs = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
+
+  DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale, at::Tensor cos,
+               at::Tensor sin, at::Tensor final_norm);
+  void add_layer(const at::Tensor& input_norm, const LinearArgs& qkv, const LinearArgs& o, const at::Tensor& post_norm,
+                 const LinearArgs& gate_up, const LinearArgs& down, const std::optional<at::Tensor>& q_norm,
+                 const std::optional<at::Tensor>& k_norm, const at::Tensor& kv_cache);
+  // x [T, hidden] embedded tokens -> final-normed hidden [T, hidden]; the attention arguments are
+  // paged_decode_attention's, one query per token in batch order.
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slot_mapping,
+                     const at::Tensor& block_tables, const at::Tensor& ctx_lens,
+                     const std::optional<at::Tensor>& extra_slots, const std::optional<at::Tensor>& extra_lens) const;
+  int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
+
+ private:
+  struct Linear {
+    at::Tensor weight;
+    std::optional<at::Tensor> packed, bias;
+    at::Tensor operator()(const at::Tensor& x) const;
+    Linear without_bias() const { return Linear{weight, packed, std::nullopt}; }
+  };
+  struct Layer {
+    at::Tensor input_norm;
+    Linear qkv, o;
+    at::Tensor post_norm;
+    Linear gate_up, down;
+    std::optional<at::Tensor> q_norm, k_norm;
+    at::Tensor kv_cache;
+  };
+  int64_t num_heads_, num_kv_heads_, head_dim_;
+  double eps_, scale_;
+  at::Tensor cos_, sin_, final_norm_;
+  std::vector<Layer> layers_;
+};
 
 }  // namespace paraserve
