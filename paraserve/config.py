@@ -159,7 +159,10 @@ class ServerConfig:
 DEFAULT_SPEC_MAX_RUNNING = 2
 
 SPEC_METHODS = ("redrafter", "ngram")
-_SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path"),
+# ReDrafter's default min_draft_prob: with the shipped SmolLM2 drafter, 0.05 drafted ~10% faster
+# at batch 1 than verifying every beam in full (fewer tree nodes, shorter searches; README)
+DEFAULT_MIN_DRAFT_PROB = 0.05
+_SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob"),
               "ngram": ("prompt_lookup_min", "prompt_lookup_max")}
 
 
@@ -176,6 +179,9 @@ class SpecConfig:
     # redrafter: a directory written by `paraserve train-drafter`; default: the drafter shipped
     # for the model in paraserve/spec_decode/drafters/<model name>/
     drafter_path: Optional[str] = None
+    # redrafter: verify a drafted token only while the drafter gives its beam prefix at least this
+    # probability (default DEFAULT_MIN_DRAFT_PROB; 0 verifies every beam in full)
+    min_draft_prob: Optional[float] = None
     prompt_lookup_min: Optional[int] = None  # ngram: shortest suffix matched (default 1)
     prompt_lookup_max: Optional[int] = None  # ngram: longest suffix matched (default 3)
     disable_by_batch_size: int = DEFAULT_SPEC_MAX_RUNNING  # see DEFAULT_SPEC_MAX_RUNNING
@@ -189,6 +195,9 @@ class SpecConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"speculative-config: {name} must be an integer >= 1, got {value!r}")
+        p = self.min_draft_prob
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
+            raise ConfigError(f"speculative-config: min_draft_prob must be a number in [0, 1), got {p!r}")
         if self.drafter_path is not None and not isinstance(self.drafter_path, str):
             raise ConfigError(f"speculative-config: drafter_path must be a string, got {self.drafter_path!r}")
         other = [n for m, names in _SPEC_ONLY.items() if m != self.method for n in names
@@ -203,7 +212,8 @@ class SpecConfig:
                 raise ConfigError(f"speculative-config: num_speculative_tokens ({k}) and beam_length "
                                   f"({self.beam_length}) disagree; give one of them")
             length = self.beam_length or k or 4
-            self._set(beam_width=self.beam_width or 4, beam_length=length, num_speculative_tokens=length)
+            self._set(beam_width=self.beam_width or 4, beam_length=length, num_speculative_tokens=length,
+                      min_draft_prob=DEFAULT_MIN_DRAFT_PROB if p is None else float(p))
         else:
             lo = self.prompt_lookup_min or 1
             hi = self.prompt_lookup_max or max(3, lo)
@@ -244,7 +254,7 @@ class _SpecArg:
     speculative_config: Optional[str] = _f(
         None, "speculative decoding, a JSON object: {\"method\": \"ngram\" | \"redrafter\", "
               "\"num_speculative_tokens\", \"beam_width\", \"beam_length\", \"drafter_path\", "
-              "\"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\"} (default: off)")
+              "\"min_draft_prob\", \"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\"} (default: off)")
 
 
 @dataclass(frozen=True)

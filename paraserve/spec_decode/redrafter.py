@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
@@ -190,13 +191,15 @@ class Beams(NamedTuple):
 
 @torch.inference_mode()
 def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, embed: Embed,
-                width: int, length: int) -> Beams:
+                width: int, length: int, min_logprob: float = float("-inf")) -> Beams:
     """h [B, H] base hidden states, last_token [B] (g_0) -> the `width` most likely drafts of
     `length` tokens per request, by drafter log-prob, all requests and beams batched.
 
     All beams start identical, so the first step expands one row per request (its top-width
     tokens); later steps expand every beam and keep the top-width of width * Vd candidates.
-    Beams are therefore distinct sequences."""
+    Beams are therefore distinct sequences. The search stops early, with shorter beams, once
+    every beam's log-prob (the sum over its tokens) is below min_logprob: longer drafts would be
+    cut by the caller anyway (ReDrafterProposer drops tokens below its min_draft_prob)."""
     if not 1 <= width <= drafter.config.vocab_rows or length < 1:
         raise ValueError(f"need 1 <= width <= {drafter.config.vocab_rows} and length >= 1, "
                          f"got width={width}, length={length}")
@@ -210,6 +213,8 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
     s = s.repeat_interleave(W, dim=0)  # [B * W, H]
     h_w = h.repeat_interleave(W, dim=0)  # [B * W, H]
     for t in range(1, L):
+        if float(score.max()) < min_logprob:
+            break
         s = drafter.step(s, embed(drafter.token_ids[rows].flatten()))
         logp = torch.log_softmax(drafter.logits(h_w, s).float(), dim=-1)  # [B * W, Vd]
         V = logp.shape[-1]
@@ -295,11 +300,13 @@ class ReDrafterProposer(Proposer):
     def __init__(self, model: nn.Module, model_name: Optional[str] = None,
                  drafter_path: Optional[str] = None, beam_width: int = 4, beam_length: int = 4,
                  num_speculative_tokens: Optional[int] = None, drafter: Optional[ReDrafter] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
+                 dtype: Optional[torch.dtype] = None, min_draft_prob: float = 0.0) -> None:
         if num_speculative_tokens is not None:
             beam_length = num_speculative_tokens  # vLLM's name for the draft length
         if beam_width < 1 or beam_length < 1:
             raise ValueError(f"beam_width and beam_length must be >= 1, got {beam_width}, {beam_length}")
+        if not 0.0 <= min_draft_prob < 1.0:
+            raise ValueError(f"min_draft_prob must be in [0, 1), got {min_draft_prob}")
         cfg = model.config
         weight = model.embed_tokens.weight
         dtype = dtype or weight.dtype
@@ -319,11 +326,15 @@ class ReDrafterProposer(Proposer):
         self.embed: Embed = model.embed_tokens
         self.beam_width = beam_width
         self.beam_length = beam_length
+        # a drafted token is verified only while the drafter gives its beam prefix at least this
+        # probability: unlikely nodes cost attention and logits and are rarely accepted
+        self.min_logprob = math.log(min_draft_prob) if min_draft_prob > 0 else float("-inf")
 
     def propose_tensors(self, hidden_states: torch.Tensor, last_tokens: torch.Tensor) -> Beams:
-        """hidden_states [B, H], last_tokens [B] -> Beams [B, W, L], without host syncs."""
+        """hidden_states [B, H], last_tokens [B] -> Beams [B, W, L'] (L' <= L: the search stops
+        once no beam is likely enough to verify)."""
         return beam_search(self.drafter, hidden_states, last_tokens, self.embed,
-                           self.beam_width, self.beam_length)
+                           self.beam_width, self.beam_length, self.min_logprob)
 
     def propose(self, token_ids: Sequence[Sequence[int]],
                 hidden_states: Optional[torch.Tensor] = None) -> list[Draft]:
@@ -333,6 +344,10 @@ class ReDrafterProposer(Proposer):
             return []
         last = torch.tensor([t[-1] for t in token_ids], dtype=torch.int64,
                             device=hidden_states.device)
-        beams = self.propose_tensors(hidden_states, last).token_ids.tolist()  # [B][W][L]
+        beams = self.propose_tensors(hidden_states, last)
+        # each beam up to its last token whose prefix the drafter finds likely enough (a beam's
+        # log-prob only falls along it, so that is a prefix); beams left empty are dropped
+        keep = (beams.logprobs.cumsum(-1) >= self.min_logprob).sum(-1).tolist()  # [B][W]
+        tokens = beams.token_ids.tolist()  # [B][W][L']
         # deterministic drafts: verification treats them as point masses, which is lossless
-        return [Draft(beams=b) for b in beams]
+        return [Draft(beams=[beam[:n] for beam, n in zip(b, k) if n]) for b, k in zip(tokens, keep)]

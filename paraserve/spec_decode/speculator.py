@@ -104,4 +104,5 @@ def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) 
             logger.warning("drafter %s was trained for %r, serving %r", path, trained_for, model_name)
         check_name = None
     return get_proposer("redrafter", model=model, model_name=check_name, drafter_path=path,
-                        beam_width=config.beam_width, beam_length=config.beam_length)
+                        beam_width=config.beam_width, beam_length=config.beam_length,
+                        min_draft_prob=config.min_draft_prob)

@@ -27,6 +27,9 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable[..., Any], args: 
                             world_size=world_size, timeout=timedelta(seconds=60))
     try:
         fn(rank, world_size, *args)
+        # rank 0 hosts the store: a rank still tearing down when it exits was seen to abort
+        # ("terminate called without an active exception"), so all finish together
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -36,9 +36,24 @@ def run(path, prompts=PROMPTS, params=GREEDY, **kw) -> tuple[list[list[int]], di
         sched.check_integrity()
         assert not sched.kv.req_blocks  # every block freed or held by the prefix cache only
         seen = {"prefix_hits": sched.kv.prefix_hits, "expert_load": llm.engine.expert_load(),
+                "logprobs": [_logprobs(o) for o in outs],
                 "drafts": llm.engine.spec_decoding_stats().num_drafts,
                 "pids": [i["pid"] for i in llm.engine.executor.worker_info]}
     return [o.outputs[0].token_ids for o in outs], seen
+
+
+def _logprobs(out) -> list[dict[int, float]]:
+    """{token: logprob} per generated position (the chosen token and the top-N)."""
+    return [{t: lp.logprob for t, lp in pos.items()} for pos in out.outputs[0].logprobs or []]
+
+
+def assert_logprobs_close(got: list[list[dict]], want: list[list[dict]], atol: float = 1e-4) -> None:
+    """Same top-N tokens at every position, log-probabilities within float32 reassociation."""
+    assert want and all(len(r) > 0 and all(len(p) >= 3 for p in r) for r in want)  # there is something to compare
+    assert [[sorted(p) for p in r] for r in got] == [[sorted(p) for p in r] for r in want]
+    for g_req, w_req in zip(got, want):
+        for g, w in zip(g_req, w_req):
+            assert max(abs(g[t] - w[t]) for t in w) < atol, (g, w)
 
 
 def reference(path, params=GREEDY, prompts=PROMPTS, **kw) -> list[list[int]]:
@@ -133,6 +148,29 @@ def test_expert_parallel(arch, kw, tiny_model_dir):
     tokens, seen = run(path, **kw)
     assert tokens == ref_tokens
     assert seen["expert_load"] == ref_seen["expert_load"]  # every routed token counted once
+
+
+LOGPROBS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+
+
+@pytest.mark.parametrize("arch,kw", [
+    ("llama", dict(tensor_parallel_size=4)),  # 2 KV heads replicated over 4 ranks
+    ("qwen3", dict(tensor_parallel_size=2)),
+    ("qwen3", dict(tensor_parallel_size=4)),
+    ("mixtral", dict(tensor_parallel_size=4, enable_expert_parallel=True)),  # EP 4
+    ("qwen2-moe", dict(tensor_parallel_size=4, expert_parallel_size=4, num_redundant_experts=4)),
+])
+def test_logits_and_tokens_match_one_process(arch, kw, tiny_model_dir):
+    """Through the engine (continuous batching, chunked prefill, prefix hits): the top-3
+    log-probabilities of every generated token are the one-process ones within float32
+    tolerance, and the greedy tokens are identical."""
+    path = tiny_model_dir(arch)
+    want_tokens, want = run(path, params=LOGPROBS)
+    tokens, seen = run(path, params=LOGPROBS, **kw)
+    assert tokens == want_tokens
+    assert_logprobs_close(seen["logprobs"], want["logprobs"])
+    assert seen["prefix_hits"] > 0 and len(seen["pids"]) == kw["tensor_parallel_size"]
+    assert_gone(seen["pids"])
 
 
 # ---- bad layouts: one line, before any worker starts ------------------------------------------
@@ -329,24 +367,29 @@ def _cp_prompts():
 
 @pytest.mark.parametrize("kw", [
     dict(context_parallel_size=2, max_num_batched_tokens=2048),  # the 1800-token prompt in one ring
+    dict(context_parallel_size=4, max_num_batched_tokens=2048),  # flat ring of 4
     dict(context_parallel_size=4, cp_local_size=2, max_num_batched_tokens=700),  # two-level, chunked
     dict(context_parallel_size=2, tensor_parallel_size=2, max_num_batched_tokens=2048),  # TP 2 x CP 2
 ])
 def test_context_parallel(kw, long_llama):
     """Prefill chunks run as zigzag ring attention, the cached context (earlier chunks, prefix
     hits) riding the ring from the striped KV shards; decodes and small chunks run replicated and
-    merge the shards' partial attention by LSE."""
+    merge the shards' partial attention by LSE. Tokens are the one-process ones and their top-3
+    log-probabilities agree within float32 tolerance."""
     first, second = _cp_prompts()
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
     args = dict(ENGINE, max_model_len=2048, max_num_seqs=4)
     args.update(max_num_batched_tokens=kw["max_num_batched_tokens"])
-    ref = LLM(str(long_llama), **args)
-    want = [[o.outputs[0].token_ids for o in ref.generate([{"prompt_token_ids": p} for p in batch], params,
-                                                           use_tqdm=False)] for batch in (first, second)]
-    ref.shutdown()
+
+    def generate(llm):
+        outs = [o for batch in (first, second)
+                for o in llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)]
+        return [o.outputs[0].token_ids for o in outs], [_logprobs(o) for o in outs]
+
+    with LLM(str(long_llama), **args) as ref:
+        want, want_lp = generate(ref)
     with LLM(str(long_llama), **{**args, **kw}) as llm:
-        got = [[o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in batch], params,
-                                                              use_tqdm=False)] for batch in (first, second)]
+        got, got_lp = generate(llm)
         engine = llm.engine
         ring = engine.executor.collective_rpc("ring_chunks")[0]
         # 3 fresh prompts, a prefix hit (and 2 later chunks of the long prompt when it is chunked)
@@ -358,6 +401,7 @@ def test_context_parallel(kw, long_llama):
         # a scheduler block spans the CP ranks: each rank stores block_size of its tokens
         assert engine.capacity_tokens == engine.scheduler.kv.num_blocks * ENGINE["block_size"] * cp
     assert got == want
+    assert_logprobs_close(got_lp, want_lp)
 
 
 def test_expert_load_metrics(tiny_model_dir):

@@ -151,11 +151,11 @@ class OracleProposer(Proposer):
 
 # ---- tiny random model ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", ["ngram", "redrafter"])
-def test_greedy_identical_in_mixed_batches(tiny, reference, drafter_dir, method):
+@pytest.mark.parametrize("method,min_prob", [("ngram", None), ("redrafter", 0.0), ("redrafter", 0.3)])
+def test_greedy_identical_in_mixed_batches(tiny, reference, drafter_dir, method, min_prob):
     spec = {"method": method, "num_speculative_tokens": 3}
-    if method == "redrafter":
-        spec.update(beam_width=3, drafter_path=drafter_dir)
+    if method == "redrafter":  # every beam verified in full, or only its likely prefix
+        spec.update(beam_width=3, drafter_path=drafter_dir, min_draft_prob=min_prob)
     llm = _llm(tiny, spec)
     outs, sched = _drive(llm, _prompts(), GREEDY)
     assert _tokens(outs) == reference
@@ -307,13 +307,18 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     for bad, msg in [("{method: ngram}", "not valid JSON"), ('{"method": "eagle"}', "unknown method"),
                      ('{"method": "ngram", "beam_width": 2}', "not an option of method 'ngram'"),
                      ('{"method": "ngram", "k": 2}', "unknown key(s) 'k'"),
-                     ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1")]:
+                     ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1"),
+                     ('{"method": "redrafter", "min_draft_prob": 1}', "min_draft_prob must be a number in [0, 1)"),
+                     ('{"method": "redrafter", "min_draft_prob": "0.1"}', "min_draft_prob must be a number"),
+                     ('{"method": "ngram", "min_draft_prob": 0.1}', "not an option of method 'ngram'")]:
         assert main(["generate", "--prompt", "hi", "--speculative-config", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1 and msg in err, err
     with pytest.raises(ConfigError, match="disagree"):
         SpecConfig(method="redrafter", num_speculative_tokens=3, beam_length=5)
     assert SpecConfig(method="redrafter", num_speculative_tokens=3).beam_length == 3
+    assert SpecConfig(method="redrafter").min_draft_prob == 0.05
+    assert SpecConfig(method="redrafter", min_draft_prob=0).min_draft_prob == 0.0
 
 
 def test_cli_generate_and_api_opt_out(tiny, capsys):

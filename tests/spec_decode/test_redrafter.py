@@ -1,6 +1,7 @@
 """ReDrafter: the recurrence, beam search against a slow reference, files, the proposer, and
 self-distillation end to end on a tiny model whose greedy continuation is predictable."""
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -171,6 +172,50 @@ def test_proposer(tmp_path):
         proposer.propose([[1]], None)
     with pytest.raises(ValueError, match="no drafter ships"):
         ReDrafterProposer(fake_base(), "no-such-model")
+
+
+def test_min_draft_prob_cuts_unlikely_tokens_and_stops_the_search(tmp_path):
+    """A beam keeps its tokens while the drafter's probability of the prefix is at least
+    min_draft_prob (beams left empty are dropped), and the search stops after the step where no
+    beam is likely enough any more (it then returns what a search of that length returns);
+    0 keeps everything."""
+    drafter, embed = make_drafter(draft_vocab=12), make_embed()
+    save_drafter(drafter, str(tmp_path), dtype=torch.float32)
+    h, last = torch.randn(4, H), torch.randint(0, V, (4,))
+    full = beam_search(drafter, h, last, embed, width=3, length=4)
+    # the search stops once every beam's log-prob is below the bound
+    best = full.logprobs.sum(-1).max(-1).values  # [B] the best 4-token beam of each request
+    top = [float(beam_search(drafter, h, last, embed, 3, t).logprobs.sum(-1).max()) for t in (1, 2, 3)]
+    checked = 0
+    for t in (1, 2, 3):
+        short = beam_search(drafter, h, last, embed, width=3, length=t)
+        # above every t-token beam, not above every (t-1)-token one: step t runs, step t+1 not
+        before = top[t - 2] if t > 1 else 0.0
+        if not top[t - 1] < before:  # a probability of 1.0 in float32: no bound separates them
+            continue
+        checked += 1
+        bound = (top[t - 1] + before) / 2
+        stopped = beam_search(drafter, h, last, embed, width=3, length=4, min_logprob=bound)
+        assert torch.equal(stopped.token_ids, short.token_ids)
+        assert torch.equal(stopped.logprobs, short.logprobs)
+    assert checked >= 2
+    assert beam_search(drafter, h, last, embed, 3, 4, float(best.min()) - 1).token_ids.shape[-1] == 4
+
+    def proposer(p):
+        return ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=3, beam_length=4,
+                                 min_draft_prob=p)
+
+    ids = [[1, int(t)] for t in last]
+    assert [d.beams for d in proposer(0.0).propose(ids, h)] == full.token_ids.tolist()
+    cum = full.logprobs.cumsum(-1)
+    tau = float(cum[:, 0, 1].exp().median())  # some requests keep 2+ tokens of beam 0, some fewer
+    beams = beam_search(drafter, h, last, embed, 3, 4, math.log(tau))
+    keep = (beams.logprobs.cumsum(-1) >= math.log(tau)).sum(-1).tolist()
+    expect = [[b[:n] for b, n in zip(toks, k) if n] for toks, k in zip(beams.token_ids.tolist(), keep)]
+    assert [d.beams for d in proposer(tau).propose(ids, h)] == expect
+    assert any(len(d) < 3 or min(map(len, d)) < 4 for d in expect)  # the cut does cut
+    with pytest.raises(ValueError, match="min_draft_prob"):
+        proposer(1.0)
 
 
 # ---- self-distillation end to end ----------------------------------------------------------
