@@ -71,8 +71,7 @@ def make_executor(config: EngineConfig, source: ModelSource, hf_config,
 
 
 def resolve_for_workers(config: EngineConfig, hf_config) -> EngineConfig:
-    """Device and dtype decided once, in the driver: `--dtype auto` times GEMMs, and ranks that
-    timed them separately could choose differently."""
+    """Device and dtype decided once, in the driver, and handed to every rank."""
     from paraserve.worker.worker import resolve_device, resolve_dtype
 
     device = resolve_device(config.device.device)

@@ -32,17 +32,30 @@ DTYPES = (torch.float32, torch.bfloat16)
 SMALL_M_MAX = 32
 
 
+@functools.cache
+def cpu_flags() -> str:
+    """The CPU's feature flags line from /proc/cpuinfo (x86 "flags", Arm "Features"), or the
+    machine and processor names where there is none."""
+    try:
+        return next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        return platform.machine() + platform.processor()
+
+
+def native_bf16() -> bool:
+    """The CPU computes in bf16 natively: AVX-512 BF16 or AMX (x86), the BF16 extension (Arm).
+    Without it bf16 matrix products are emulated and float32 is faster."""
+    flags = set(cpu_flags().split(":", 1)[-1].split())
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
 def _build_tag() -> str:
     """A short hash of this CPU's feature flags. -march=native binaries are only safe on the CPU
     that built them, and torch keys its cache on the sources and flags alone: the tag in the
     extension name keeps machines that share a home directory apart (torch itself rebuilds when
     the sources change)."""
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith(("flags", "Features")))
-    except (OSError, StopIteration):
-        flags = platform.machine() + platform.processor()
-    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+    return hashlib.sha1(cpu_flags().encode()).hexdigest()[:10]
 
 
 @functools.cache

@@ -49,22 +49,17 @@ def resolve_dtype(name: str, device: torch.device, hf_config=None) -> torch.dtyp
 
 
 def _fastest_cpu_dtype(hf_config) -> torch.dtype:
-    """Time one MLP-shaped GEMM in each dtype and keep the faster. CPUs differ: on the AMD Zen 4
-    machines of FACTS.md bf16 GEMMs run ~1.7x float32; on the Xeon this was built on, float32 runs
-    ~1.8x bf16 (see README). A 64-row GEMM stands for batched decode and prefill chunks."""
-    hidden = getattr(hf_config, "hidden_size", 1024)
-    inter = getattr(hf_config, "intermediate_size", 4 * hidden)
-    rates = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        x, w = torch.randn(64, hidden, dtype=dtype), torch.randn(inter, hidden, dtype=dtype)
-        torch.nn.functional.linear(x, w)
-        t0 = time.perf_counter()
-        for _ in range(5):
-            torch.nn.functional.linear(x, w)
-        rates[dtype] = 5 * 2 * 64 * hidden * inter / (time.perf_counter() - t0) / 1e9
-    best = max(rates, key=rates.get)
-    logger.info("dtype auto: %s (GEMM 64x%dx%d: float32 %.0f GFLOP/s, bfloat16 %.0f GFLOP/s)",
-                str(best).removeprefix("torch."), hidden, inter, rates[torch.float32], rates[torch.bfloat16])
+    """bfloat16 where the CPU computes in it natively (AVX-512 BF16, AMX, Arm BF16), else
+    float32. Decided from the CPU's flags, not by timing: a timed probe picked float32 in about
+    one start in five on a busy 2-core machine (its first bf16 GEMM ran 15x slow), so the same
+    command served different numbers at half the speed. Measured: bf16 GEMMs run ~1.7x float32 on
+    the AMD Zen 4 machines of FACTS.md and ~3.5x on Sapphire Rapids (AMX), and decode reads half
+    the bytes; without native bf16 they are emulated and slower than float32."""
+    from paraserve.ops.cpu import native_bf16
+
+    best = torch.bfloat16 if native_bf16() else torch.float32
+    logger.info("dtype auto: %s (%s)", str(best).removeprefix("torch."),
+                "the CPU has native bf16" if best is torch.bfloat16 else "no native bf16 on this CPU")
     return best
 
 
