@@ -48,11 +48,11 @@ class StepRecord:
 
 
 class AsyncLLM:
+    """config: the engine to build, in the engine thread (so that it is the only thread that
+    runs OpenMP, see _run); engine: one built already (its OpenMP work may then share the cores
+    with another thread's idle team, which makes every parallel region wake sleeping threads)."""
+
     def __init__(self, config: EngineConfig, engine: Optional[LLMEngine] = None) -> None:
-        self.engine = engine or LLMEngine(config)
-        self.tokenizer = self.engine.tokenizer
-        self.model_name = self.engine.model_name
-        self.max_model_len = self.engine.max_model_len
         self._commands: "queue.Queue[Callable[[], None]]" = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._lock = threading.Lock()
@@ -60,8 +60,18 @@ class AsyncLLM:
         self.dead: Optional[BaseException] = None
         self.step_listeners: list[Callable[[StepRecord, list[RequestOutput]], None]] = []
         self.max_running_seen = 0
-        self._thread = threading.Thread(target=self._loop, name="paraserve-engine", daemon=True)
+        self.engine = engine
+        built = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._run, args=(config, built, failed),
+                                        name="paraserve-engine", daemon=True)
         self._thread.start()
+        built.wait()
+        if failed:
+            raise failed[0]
+        self.tokenizer = self.engine.tokenizer
+        self.model_name = self.engine.model_name
+        self.max_model_len = self.engine.max_model_len
 
     # ---- public, called from the event loop ------------------------------------------------
 
@@ -131,6 +141,22 @@ class AsyncLLM:
                 cmd = self._commands.get_nowait()
         except queue.Empty:
             pass
+
+    def _run(self, config: EngineConfig, built: threading.Event, failed: list) -> None:
+        """The engine thread: build the engine here, then step it. OpenMP (libgomp) keeps a pool
+        of threads per thread that starts parallel regions; with a second pool in the process
+        (the main thread's, had it loaded the model) there are more OpenMP threads than cores,
+        idle threads stop spinning almost at once, and every kernel call pays a futex wake-up:
+        decode steps ran 2x slower than offline (23 vs 12 ms per token, SmolLM2 on 2 cores)."""
+        try:
+            if self.engine is None:
+                self.engine = LLMEngine(config)
+        except BaseException as e:  # a bad model or flag: raised in the caller's thread
+            failed.append(e)
+            return
+        finally:
+            built.set()
+        self._loop()
 
     def _loop(self) -> None:
         try:
