@@ -62,7 +62,7 @@ def make_executor(config: EngineConfig, source: ModelSource, hf_config,
     backend = config.parallel.executor_backend
     if backend is None:
         return InProcExecutor(config, source, hf_config, max_model_len)
-    config = resolve_for_workers(config, hf_config)
+    config = resolve_for_workers(config)
     if backend == "mp":
         return MultiprocExecutor(config, source, hf_config, max_model_len)
     from paraserve.engine.ray_executor import RayExecutor
@@ -70,12 +70,12 @@ def make_executor(config: EngineConfig, source: ModelSource, hf_config,
     return RayExecutor(config, source, hf_config, max_model_len)
 
 
-def resolve_for_workers(config: EngineConfig, hf_config) -> EngineConfig:
+def resolve_for_workers(config: EngineConfig) -> EngineConfig:
     """Device and dtype decided once, in the driver, and handed to every rank."""
     from paraserve.worker.worker import resolve_device, resolve_dtype
 
     device = resolve_device(config.device.device)
-    dtype = resolve_dtype(config.model.dtype, device, hf_config)
+    dtype = resolve_dtype(config.model.dtype, device)
     return config.replace(device=device.type, dtype=str(dtype).removeprefix("torch."))
 
 

@@ -38,17 +38,17 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def resolve_dtype(name: str, device: torch.device, hf_config=None) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda":
             return torch.bfloat16
-        return _fastest_cpu_dtype(hf_config)
+        return _auto_cpu_dtype()
     if name == "float16" and device.type == "cpu":
         raise ConfigError("--dtype float16 is slow and lossy on CPU: use bfloat16 or float32")
     return _DTYPES[name]
 
 
-def _fastest_cpu_dtype(hf_config) -> torch.dtype:
+def _auto_cpu_dtype() -> torch.dtype:
     """bfloat16 where the CPU computes in it natively (AVX-512 BF16, AMX, Arm BF16), else
     float32. Decided from the CPU's flags, not by timing: a timed probe picked float32 in about
     one start in five on a busy 2-core machine (its first bf16 GEMM ran 15x slow), so the same
@@ -90,7 +90,7 @@ class Worker:
         if self.device.type == "cpu":
             cores = os.cpu_count() or 1
             torch.set_num_threads(config.device.threads or max(1, cores // local_world_size))
-        self.dtype = resolve_dtype(config.model.dtype, self.device, hf_config)
+        self.dtype = resolve_dtype(config.model.dtype, self.device)
         parallel_state.init_single_process()  # no-op when init_distributed built the groups
         torch.manual_seed(config.model.seed)
         t0 = time.monotonic()

@@ -203,6 +203,22 @@ def test_latency_fixed(tiny_model_dir, tmp_path):
     assert all(it["output_tokens"] == 6 for it in res["paraserve"]["iterations"])
 
 
+def test_baseline_compile_sets_a_static_cache_and_compiles_lazily(tiny_model_dir):
+    """--baseline-compile: transformers' documented fast-decode recipe (static cache, compiled
+    forward); compiling happens on the first call, which the bench times as its warm-up."""
+    import torch
+
+    from paraserve.bench import hf_baseline
+    from paraserve.models.loader import resolve_model
+
+    model = hf_baseline.load_hf_model(resolve_model(str(tiny_model_dir("llama"))), torch.float32,
+                                      torch.device("cpu"))
+    eager = model.forward
+    hf_baseline.compile_for_decode(model)
+    assert model.generation_config.cache_implementation == "static"
+    assert model.forward is not eager and hasattr(model.forward, "_torchdynamo_orig_callable")
+
+
 def test_prefix_hits_the_cache(tiny_model_dir, tmp_path):
     r = bench(tmp_path, "prefix", "--model", str(tiny_model_dir("llama")), *ENGINE, "--prefix-len", "200",
               "--num-turns", "3", "--turn-len", "10", "--max-tokens", "2")
