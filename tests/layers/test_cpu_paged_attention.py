@@ -23,9 +23,10 @@ def kernel():
     return module
 
 
-def scattered_cache(seq_lens, kvh, d, dtype, fill=float("nan"), spare_blocks=3):
-    """A cache [2, NB, BS, KVH, D] filled with `fill`, holding each sequence's random K/V in
+def scattered_cache(seq_lens, kvh, d, dtype, fill=float("nan"), spare_blocks=3, bs=BS):
+    """A cache [2, NB, bs, KVH, D] filled with `fill`, holding each sequence's random K/V in
     randomly scattered blocks; returns it, the zero-padded block tables and the per-sequence K/V."""
+    BS = bs  # noqa: N806
     nblocks = [-(-n // BS) for n in seq_lens]
     num_blocks = sum(nblocks) + spare_blocks
     cache = torch.full((2, num_blocks, BS, kvh, d), fill, dtype=dtype)
@@ -120,6 +121,21 @@ def forward_both(dtype, h, kvh, d):
     backend = get_backend("cpu")
     outs = [backend.forward(q, k, v, cache, meta, d ** -0.5) for _ in range(2)]
     return ref, ref_cache, outs, cache, meta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bs", [4, 5, 32])
+def test_kernel_with_blocks_that_do_not_match_its_tiles(kernel, dtype, bs):
+    """The kernel walks the block table a tile (16 tokens) at a time: blocks smaller, of odd
+    size or larger than a tile start and end inside tiles."""
+    torch.manual_seed(1)
+    seq_lens = [1, 4, 5, 15, 16, 17, 33, 70, 129]
+    cache, tables, kv = scattered_cache(seq_lens, 3, 64, dtype, bs=bs)
+    q = torch.randn(len(seq_lens), 9, 64).to(dtype)
+    out = cpu_paged.paged_decode_attention(q, cache[0], cache[1], tables, torch.tensor(seq_lens), 0.125)
+    for i, (k, v) in enumerate(kv):
+        ref = naive_decode(q[i], k, v, 0.125).to(dtype)
+        torch.testing.assert_close(out[i], ref, **TOL[dtype], msg=lambda m: f"request {i}: {m}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -65,16 +65,42 @@ struct Scratch {
   Scratch(int64_t g, int64_t d) : q(g * d / kLanes), acc(g * d / kLanes), m(g), l(g), krows(kLanes), vrows(kLanes) {}
 };
 
-// Row pointers of tokens [t0, t0 + n) of query b and KV head h; the tile's unused slots repeat
-// its first row, so scoring a full tile reads valid memory (those lanes are masked).
+// K and V row pointers of tokens [t0, t0 + n) of query b, KV head h. Tokens before the context
+// length walk the block table (one division per call, then block by block: a division per row
+// cost more than scoring it); extra slots are looked up one by one.
 template <typename T>
-void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, Scratch<T>& w) {
-  for (int64_t i = 0; i < n; ++i) {
+void row_pointers(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, const T** krows,
+                  const T** vrows) {
+  const int64_t ctx = p.seq_lens[b];
+  int64_t i = 0;
+  if (t0 < ctx) {
+    const int64_t* table = p.tables + b * p.max_blocks;
+    const int64_t end = std::min(n, ctx - t0);
+    int64_t blk_i = t0 / p.block_size, off = t0 % p.block_size;
+    while (i < end) {
+      const T* kb = p.k + table[blk_i] * p.k_blk + h * p.k_head;
+      const T* vb = p.v + table[blk_i] * p.v_blk + h * p.v_head;
+      for (; i < end && off < p.block_size; ++i, ++off) {
+        krows[i] = kb + off * p.k_row;
+        vrows[i] = vb + off * p.v_row;
+      }
+      ++blk_i;
+      off = 0;
+    }
+  }
+  for (; i < n; ++i) {
     const int64_t slot = p.slot(b, t0 + i);
     const int64_t blk = slot / p.block_size, off = slot % p.block_size;
-    w.krows[i] = p.k + blk * p.k_blk + off * p.k_row + h * p.k_head;
-    w.vrows[i] = p.v + blk * p.v_blk + off * p.v_row + h * p.v_head;
+    krows[i] = p.k + blk * p.k_blk + off * p.k_row + h * p.k_head;
+    vrows[i] = p.v + blk * p.v_blk + off * p.v_row + h * p.v_head;
   }
+}
+
+// The tile's row pointers in w; its unused slots repeat its first row, so scoring a full tile
+// reads valid memory (those lanes are masked).
+template <typename T>
+void tile_rows(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t n, Scratch<T>& w) {
+  row_pointers(p, b, h, t0, n, w.krows.data(), w.vrows.data());
   std::fill(w.krows.begin() + n, w.krows.end(), w.krows[0]);
   std::fill(w.vrows.begin() + n, w.vrows.end(), w.vrows[0]);
 }
@@ -86,11 +112,12 @@ template <typename T>
 void prefetch_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t t0) {
   const int64_t n = std::min(kLanes, p.length(b) - t0);
   const int64_t bytes = p.head_dim * static_cast<int64_t>(sizeof(T));
+  const T* krows[kLanes];
+  const T* vrows[kLanes];
+  row_pointers(p, b, h, t0, n, krows, vrows);
   for (int64_t i = 0; i < n; ++i) {
-    const int64_t slot = p.slot(b, t0 + i);
-    const int64_t blk = slot / p.block_size, off = slot % p.block_size;
-    const char* kr = reinterpret_cast<const char*>(p.k + blk * p.k_blk + off * p.k_row + h * p.k_head);
-    const char* vr = reinterpret_cast<const char*>(p.v + blk * p.v_blk + off * p.v_row + h * p.v_head);
+    const char* kr = reinterpret_cast<const char*>(krows[i]);
+    const char* vr = reinterpret_cast<const char*>(vrows[i]);
     for (int64_t c = 0; c < bytes; c += 64) {
       __builtin_prefetch(kr + c, 0, 3);
       __builtin_prefetch(vr + c, 0, 3);
