@@ -113,11 +113,13 @@ class AsyncLLM:
         self._commands.put(lambda: self.engine.abort_request([request_id]))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Stop the engine thread, then the workers (also on the server's SIGTERM path)."""
+        """Stop the engine thread, which stops the workers (also on the server's SIGTERM path);
+        if the thread does not finish in time, stop them from here."""
         self._stop.set()
         self._commands.put(lambda: None)
         self._thread.join(timeout)
-        self.engine.shutdown()
+        if self._thread.is_alive():
+            self.engine.shutdown()
 
     # ---- the engine thread -----------------------------------------------------------------
 
@@ -172,14 +174,21 @@ class AsyncLLM:
         except BaseException as e:  # the engine is broken: fail every request, clearly
             logger.exception("engine loop died")
             self.dead = e
-            try:
-                self.engine.shutdown()  # no worker outlives the engine
-            except Exception:
-                logger.exception("stopping the workers failed")
+            self._stop_workers()  # no worker outlives the engine
             with self._lock:
                 ids = list(self._streams)
             for rid in ids:
                 self._deliver(rid, EngineDeadError(f"the engine failed: {e}"))
+            return
+        # asked to stop: from this thread, since what the engine started here (worker
+        # processes, a local Ray cluster) may be tied to it and go when it ends
+        self._stop_workers()
+
+    def _stop_workers(self) -> None:
+        try:
+            self.engine.shutdown()
+        except Exception:
+            logger.exception("stopping the workers failed")
 
     def _after_step(self, outputs: list[RequestOutput], duration: float) -> None:
         stats = self.engine.scheduler.last_stats

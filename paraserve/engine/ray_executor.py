@@ -80,8 +80,12 @@ class RayExecutor(Executor):
         self.dead: Optional[WorkerDiedError] = None
         self._closed = False
         t0 = time.monotonic()
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)  # RAY_ADDRESS, or a local cluster
+        # a connection this engine opens (RAY_ADDRESS, or a local cluster it starts) it also closes
+        # on shutdown, from the same thread: Ray's local processes die with the thread that
+        # started them; one the caller opened stays theirs
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(include_dashboard=False, log_to_driver=False)
         gpu = config.device.device.startswith("cuda")
         bundle = {"CPU": 1, "GPU": 1} if gpu else {"CPU": 1}
         self._pg = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
@@ -89,6 +93,8 @@ class RayExecutor(Executor):
         ready, _ = ray.wait([self._pg.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             self._remove_pg(self._pg)
+            if self._owns_ray:
+                ray.shutdown()
             raise ConfigError(f"the Ray cluster cannot place {n} workers of {bundle} within "
                               f"{PLACEMENT_TIMEOUT_S:.0f} s (it has {ray.cluster_resources()})")
         actor_cls = ray.remote(RayWorker)
@@ -193,6 +199,8 @@ class RayExecutor(Executor):
             self._remove_pg(self._pg)
         except Exception:
             pass
+        if self._owns_ray:
+            self.ray.shutdown()
 
 
 def _task_cause(e: Optional[BaseException]) -> Optional[BaseException]:

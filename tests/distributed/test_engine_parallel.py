@@ -312,6 +312,27 @@ def test_ray_backend_gives_the_mp_tokens(tiny_model_dir):
         ray.shutdown()
 
 
+def test_server_on_a_ray_cluster_it_started_stops_cleanly(tiny_model_dir):
+    """With no Ray connection open, the engine starts a local cluster from its engine thread and
+    closes it from there on SIGTERM: Ray's local processes die with the thread that started
+    them, so closing from another thread hung the server on a dead cluster."""
+    pytest.importorskip("ray")
+    import httpx
+    from server.conftest import ServerProcess
+
+    server = ServerProcess(str(tiny_model_dir("llama")), "--tensor-parallel-size", "2", "--threads", "1",
+                           "--dtype", "float32", "--distributed-executor-backend", "ray")
+    try:
+        family = _descendants(server.proc.pid)  # the Ray workers, raylet and GCS among them
+        r = httpx.post(server.url + "/v1/completions", json={"prompt": [1, 2, 3], "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(60) == 0
+        assert_gone(family, within=30)
+    finally:
+        server.stop()
+
+
 def test_bench_parallel(tiny_model_dir, tmp_path):
     import json
 
