@@ -47,12 +47,8 @@ struct Problem {
   float scale;
 
   int64_t length(int64_t b) const { return seq_lens[b] + (extra_lens ? extra_lens[b] : 0); }
-  // The cache slot of query b's token t: through the block table, then the extra slots.
-  int64_t slot(int64_t b, int64_t t) const {
-    const int64_t ctx = seq_lens[b];
-    return t < ctx ? tables[b * max_blocks + t / block_size] * block_size + t % block_size
-                   : extra[b * extra_stride + t - ctx];
-  }
+  // The cache slot of query b's token t past its context (t >= seq_lens[b]): an extra slot.
+  int64_t extra_slot(int64_t b, int64_t t) const { return extra[b * extra_stride + t - seq_lens[b]]; }
 };
 
 // Per-thread state of one (request, KV head): its G query heads, their accumulators and running
@@ -89,7 +85,7 @@ void row_pointers(const Problem<T>& p, int64_t b, int64_t h, int64_t t0, int64_t
     }
   }
   for (; i < n; ++i) {
-    const int64_t slot = p.slot(b, t0 + i);
+    const int64_t slot = p.extra_slot(b, t0 + i);
     const int64_t blk = slot / p.block_size, off = slot % p.block_size;
     krows[i] = p.k + blk * p.k_blk + off * p.k_row + h * p.k_head;
     vrows[i] = p.v + blk * p.v_blk + off * p.v_row + h * p.v_head;
