@@ -162,8 +162,10 @@ SPEC_METHODS = ("redrafter", "ngram")
 # ReDrafter's default min_draft_prob: with the shipped SmolLM2 drafter, 0.05 drafted ~10% faster
 # at batch 1 than verifying every beam in full (fewer tree nodes, shorter searches; README)
 DEFAULT_MIN_DRAFT_PROB = 0.05
-_SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob"),
-              "ngram": ("prompt_lookup_min", "prompt_lookup_max")}
+_SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob", "lookup_beam"),
+              "ngram": ()}
+# ReDrafter's default lookup_beam: the prompt-lookup draft joins the drafter's beams in the tree
+DEFAULT_LOOKUP_BEAM = True
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,12 @@ class SpecConfig:
     # redrafter: verify a drafted token only while the drafter gives its beam prefix at least this
     # probability (default DEFAULT_MIN_DRAFT_PROB; 0 verifies every beam in full)
     min_draft_prob: Optional[float] = None
-    prompt_lookup_min: Optional[int] = None  # ngram: shortest suffix matched (default 1)
-    prompt_lookup_max: Optional[int] = None  # ngram: longest suffix matched (default 3)
+    # redrafter: also verify the prompt-lookup draft (method ngram's, cut to beam_length) as one
+    # more beam of the tree; output is unchanged, copies from the context get accepted too
+    lookup_beam: Optional[bool] = None  # default DEFAULT_LOOKUP_BEAM
+    # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3)
+    prompt_lookup_min: Optional[int] = None
+    prompt_lookup_max: Optional[int] = None
     disable_by_batch_size: int = DEFAULT_SPEC_MAX_RUNNING  # see DEFAULT_SPEC_MAX_RUNNING
 
     def __post_init__(self) -> None:
@@ -198,29 +204,39 @@ class SpecConfig:
         p = self.min_draft_prob
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
             raise ConfigError(f"speculative-config: min_draft_prob must be a number in [0, 1), got {p!r}")
+        if self.lookup_beam is not None and not isinstance(self.lookup_beam, bool):
+            raise ConfigError(f"speculative-config: lookup_beam must be true or false, got {self.lookup_beam!r}")
         if self.drafter_path is not None and not isinstance(self.drafter_path, str):
             raise ConfigError(f"speculative-config: drafter_path must be a string, got {self.drafter_path!r}")
         other = [n for m, names in _SPEC_ONLY.items() if m != self.method for n in names
                  if getattr(self, n) is not None]
         if other:
-            own = ["num_speculative_tokens", *_SPEC_ONLY[self.method], "disable_by_batch_size"]
+            own = ["num_speculative_tokens", *_SPEC_ONLY[self.method], "prompt_lookup_min",
+                   "prompt_lookup_max", "disable_by_batch_size"]
             raise ConfigError(f"speculative-config: {', '.join(other)} is not an option of method "
                               f"{self.method!r} (its options: {', '.join(own)})")
         k = self.num_speculative_tokens
+        lookup = self.method == "ngram" or self.lookup_beam is not False
+        if not lookup and (self.prompt_lookup_min is not None or self.prompt_lookup_max is not None):
+            raise ConfigError("speculative-config: prompt_lookup_min/max configure the lookup beam, "
+                              "which lookup_beam false turns off")
+        lo = self.prompt_lookup_min or 1
+        hi = self.prompt_lookup_max or max(3, lo)
+        if lo > hi:
+            raise ConfigError(f"speculative-config: prompt_lookup_min ({lo}) exceeds "
+                              f"prompt_lookup_max ({hi})")
+        if lookup:
+            self._set(prompt_lookup_min=lo, prompt_lookup_max=hi)
         if self.method == "redrafter":
             if k is not None and self.beam_length is not None and k != self.beam_length:
                 raise ConfigError(f"speculative-config: num_speculative_tokens ({k}) and beam_length "
                                   f"({self.beam_length}) disagree; give one of them")
             length = self.beam_length or k or 4
             self._set(beam_width=self.beam_width or 4, beam_length=length, num_speculative_tokens=length,
-                      min_draft_prob=DEFAULT_MIN_DRAFT_PROB if p is None else float(p))
+                      min_draft_prob=DEFAULT_MIN_DRAFT_PROB if p is None else float(p),
+                      lookup_beam=DEFAULT_LOOKUP_BEAM if self.lookup_beam is None else self.lookup_beam)
         else:
-            lo = self.prompt_lookup_min or 1
-            hi = self.prompt_lookup_max or max(3, lo)
-            if lo > hi:
-                raise ConfigError(f"speculative-config: prompt_lookup_min ({lo}) exceeds "
-                                  f"prompt_lookup_max ({hi})")
-            self._set(num_speculative_tokens=k or 4, prompt_lookup_min=lo, prompt_lookup_max=hi)
+            self._set(num_speculative_tokens=k or 4)
 
     def _set(self, **values: Any) -> None:
         for name, value in values.items():
@@ -254,7 +270,7 @@ class _SpecArg:
     speculative_config: Optional[str] = _f(
         None, "speculative decoding, a JSON object: {\"method\": \"ngram\" | \"redrafter\", "
               "\"num_speculative_tokens\", \"beam_width\", \"beam_length\", \"drafter_path\", "
-              "\"min_draft_prob\", \"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\"} (default: off)")
+              "\"min_draft_prob\", \"lookup_beam\", \"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\"} (default: off)")
 
 
 @dataclass(frozen=True)

@@ -300,7 +300,8 @@ class ReDrafterProposer(Proposer):
     def __init__(self, model: nn.Module, model_name: Optional[str] = None,
                  drafter_path: Optional[str] = None, beam_width: int = 4, beam_length: int = 4,
                  num_speculative_tokens: Optional[int] = None, drafter: Optional[ReDrafter] = None,
-                 dtype: Optional[torch.dtype] = None, min_draft_prob: float = 0.0) -> None:
+                 dtype: Optional[torch.dtype] = None, min_draft_prob: float = 0.0,
+                 lookup: Optional[Proposer] = None) -> None:
         if num_speculative_tokens is not None:
             beam_length = num_speculative_tokens  # vLLM's name for the draft length
         if beam_width < 1 or beam_length < 1:
@@ -329,6 +330,9 @@ class ReDrafterProposer(Proposer):
         # a drafted token is verified only while the drafter gives its beam prefix at least this
         # probability: unlikely nodes cost attention and logits and are rarely accepted
         self.min_logprob = math.log(min_draft_prob) if min_draft_prob > 0 else float("-inf")
+        # a model-free proposer (prompt lookup) whose draft joins the beams: where the answer
+        # copies its context, the drafter rarely proposes the copy; the tree shares prefixes
+        self.lookup = lookup
 
     def propose_tensors(self, hidden_states: torch.Tensor, last_tokens: torch.Tensor) -> Beams:
         """hidden_states [B, H], last_tokens [B] -> Beams [B, W, L'] (L' <= L: the search stops
@@ -350,4 +354,8 @@ class ReDrafterProposer(Proposer):
         keep = (beams.logprobs.cumsum(-1) >= self.min_logprob).sum(-1).tolist()  # [B][W]
         tokens = beams.token_ids.tolist()  # [B][W][L']
         # deterministic drafts: verification treats them as point masses, which is lossless
-        return [Draft(beams=[beam[:n] for beam, n in zip(b, k) if n]) for b, k in zip(tokens, keep)]
+        drafts = [Draft(beams=[beam[:n] for beam, n in zip(b, k) if n]) for b, k in zip(tokens, keep)]
+        if self.lookup is not None:
+            for draft, extra in zip(drafts, self.lookup.propose(token_ids)):
+                draft.beams += [b for b in extra.beams if b not in draft.beams]
+        return drafts

@@ -105,4 +105,7 @@ def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) 
         check_name = None
     return get_proposer("redrafter", model=model, model_name=check_name, drafter_path=path,
                         beam_width=config.beam_width, beam_length=config.beam_length,
-                        min_draft_prob=config.min_draft_prob)
+                        min_draft_prob=config.min_draft_prob,
+                        lookup=get_proposer("ngram", num_speculative_tokens=config.beam_length,
+                                            min_n=config.prompt_lookup_min, max_n=config.prompt_lookup_max)
+                        if config.lookup_beam else None)

@@ -33,7 +33,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from paraserve.config import ConfigError
 
@@ -58,6 +58,9 @@ class TrainDrafterConfig:
     prompts_file: Optional[str] = _f(None, "one user request per line (default: the shipped prompts.txt)")
     num_prompts: Optional[int] = _f(None, "training prompts (default: all but the held-out ones)")
     num_heldout: int = _f(32, "held-out prompts for the accepted-length report")
+    generated_prompts: int = _f(0, "more training prompts, written by the base model itself: user requests "
+                                   "sampled from its chat template's open user turn (each gets its greedy "
+                                   "answer); more varied contexts than the shipped prompts alone")
     max_tokens: int = _f(192, "max response tokens per prompt")
     num_samples: int = _f(3, "sampled answers per training prompt, besides its greedy one")
     temperature: float = _f(0.8, "sampling temperature of those answers (held-out answers: greedy)")
@@ -93,8 +96,8 @@ class TrainDrafterConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.num_prompts is not None and self.num_prompts < 1:
             raise ConfigError(f"--num-prompts must be >= 1, got {self.num_prompts}")
-        if self.num_samples < 0 or self.soft_targets < 0:
-            raise ConfigError("--num-samples and --soft-targets must be >= 0")
+        if self.num_samples < 0 or self.soft_targets < 0 or self.generated_prompts < 0:
+            raise ConfigError("--num-samples, --soft-targets and --generated-prompts must be >= 0")
         if self.num_samples and self.temperature <= 0:
             raise ConfigError("--num-samples needs --temperature > 0 (the greedy answer is always included)")
         if self.temperature < 0 or self.lr <= 0:
@@ -185,7 +188,10 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     logger.info("train-drafter: %d training prompts (greedy + %d sampled answers each, temperature %g) "
                 "+ %d held-out prompts (greedy), up to %d tokens each", len(train_prompts),
                 cfg.num_samples, cfg.temperature, len(heldout_prompts), cfg.max_tokens)
-    train, heldout = generate(llm, train_prompts, heldout_prompts, cfg)
+    written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
+    if cfg.generated_prompts:
+        lap("write prompts")
+    train, heldout = generate(llm, train_prompts, heldout_prompts, cfg, written)
     lap("generate")
     k = max(1, cfg.soft_targets)
     train_h, train_t = hidden_states(model, train, teacher_k=k)
@@ -260,21 +266,77 @@ def split_prompts(cfg: TrainDrafterConfig) -> tuple[list[str], list[str]]:
     return train[:cfg.num_prompts], heldout
 
 
+# The open user turn is sampled at the model's full temperature (min-p 0.05 cuts the garbage
+# tail; top-p would do too, but its full-vocabulary sort costs more than the model at batch 256):
+# varied requests in the style of the chat data the model was tuned on. Requests that do not end
+# their turn within WRITE_MAX_TOKENS are dropped (mostly rambling), as are repeats.
+WRITE_MIN_P = 0.05
+WRITE_MAX_TOKENS = 96
+WRITE_MIN_WORDS = 3
+
+
+def sample_prompts(llm, n: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
+    """n user requests written by the base model: its chat template up to the user's content,
+    then sampled until the model ends the turn. Fewer than n (with a warning) when too few of the
+    samples qualify."""
+    from paraserve.sampling_params import SamplingParams
+
+    if n <= 0:
+        return []
+    prefix, stop = open_user_turn(llm.get_tokenizer())
+    logger.info("train-drafter: the base model writes %d training prompts", n)
+    tries = n * 3 // 2 + 16  # ~70% of SmolLM2's samples qualify
+    params = [SamplingParams(temperature=1.0, min_p=WRITE_MIN_P, max_tokens=WRITE_MAX_TOKENS,
+                             seed=seed * 1_000_003 + 7_919 + i, stop=stop) for i in range(tries)]
+    outs = llm.generate([{"prompt_token_ids": prefix}] * tries, params)
+    seen = {p.strip().lower() for p in exclude}
+    prompts = []
+    for o in outs:
+        text = o.outputs[0].text.strip()
+        if o.outputs[0].finish_reason != "stop" or len(text.split()) < WRITE_MIN_WORDS:
+            continue
+        if text.lower() not in seen:
+            seen.add(text.lower())
+            prompts.append(text)
+    if len(prompts) < n:
+        logger.warning("train-drafter: only %d of %d sampled prompts qualified", len(prompts), tries)
+    return prompts[:n]
+
+
+def open_user_turn(tokenizer) -> tuple[list[int], list[str]]:
+    """The chat template rendered up to where a user's request goes (its default system prompt
+    included), as token ids, and what the template puts after the request (a stop string,
+    besides EOS, for templates whose end of turn is plain text)."""
+    marker = "\u2063request\u2063"
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("--generated-prompts needs a model with a chat template")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                         add_generation_prompt=False)
+    head, found, tail = text.partition(marker)
+    if not found:
+        raise ConfigError("--generated-prompts: this chat template does not show the user's text verbatim")
+    end = tail.strip().split("\n")[0].strip()
+    return list(tokenizer.encode(head, add_special_tokens=False)), [end] if end else []
+
+
 def generate(llm, train_prompts: list[str], heldout_prompts: list[str],
-             cfg: TrainDrafterConfig) -> tuple[list[Sample], list[Sample]]:
+             cfg: TrainDrafterConfig, written: Sequence[str] = ()) -> tuple[list[Sample], list[Sample]]:
     """The base model's own answers: per training prompt its greedy one and `num_samples`
-    sampled ones (seeded), per held-out prompt its greedy one (what acceptance is measured on).
-    All in one batch: the engine keeps more requests in flight."""
+    sampled ones (seeded), per written prompt (sample_prompts) and per held-out prompt its greedy
+    one (held-out: what acceptance is measured on). All in one batch: the engine keeps more
+    requests in flight."""
     from paraserve.sampling_params import SamplingParams
 
     greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
+    train_prompts = list(train_prompts) + list(written)
     prompts = train_prompts + heldout_prompts
     params = [greedy] * len(prompts)
+    sampled = train_prompts[:len(train_prompts) - len(written)]
     for i in range(cfg.num_samples):
-        prompts += train_prompts
+        prompts += sampled
         params += [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                                  seed=cfg.train_seed * 1_000_003 + i * len(train_prompts) + j)
-                   for j in range(len(train_prompts))]
+                                  seed=cfg.train_seed * 1_000_003 + i * len(sampled) + j)
+                   for j in range(len(sampled))]
     ids = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} for p in prompts]
     outs = llm.generate(ids, params)
     samples = [Sample(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))

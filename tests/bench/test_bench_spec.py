@@ -62,7 +62,7 @@ def test_spec_configs_defaults_and_overrides():
                              '"prompt_lookup_max": 5}', "/d")
     assert both == {"ngram": {"method": "ngram", "disable_by_batch_size": 64, "prompt_lookup_max": 5},
                     "redrafter": {"method": "redrafter", "disable_by_batch_size": 64, "beam_width": 2,
-                                  "drafter_path": "/d"}}
+                                  "prompt_lookup_max": 5, "drafter_path": "/d"}}
     assert spec.spec_configs(None, '{"method": "ngram", "num_speculative_tokens": 6}', None) == \
         {"ngram": {"method": "ngram", "num_speculative_tokens": 6}}
     for methods, text in [(["ngram", "ngram"], None), (["eagle"], None), (None, "[1]"), (None, "{"),

@@ -310,7 +310,11 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
                      ('{"method": "ngram", "num_speculative_tokens": 0}', "integer >= 1"),
                      ('{"method": "redrafter", "min_draft_prob": 1}', "min_draft_prob must be a number in [0, 1)"),
                      ('{"method": "redrafter", "min_draft_prob": "0.1"}', "min_draft_prob must be a number"),
-                     ('{"method": "ngram", "min_draft_prob": 0.1}', "not an option of method 'ngram'")]:
+                     ('{"method": "ngram", "min_draft_prob": 0.1}', "not an option of method 'ngram'"),
+                     ('{"method": "ngram", "lookup_beam": true}', "not an option of method 'ngram'"),
+                     ('{"method": "redrafter", "lookup_beam": 1}', "lookup_beam must be true or false"),
+                     ('{"method": "redrafter", "lookup_beam": false, "prompt_lookup_max": 4}',
+                      "which lookup_beam false turns off")]:
         assert main(["generate", "--prompt", "hi", "--speculative-config", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1 and msg in err, err
@@ -319,6 +323,11 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     assert SpecConfig(method="redrafter", num_speculative_tokens=3).beam_length == 3
     assert SpecConfig(method="redrafter").min_draft_prob == 0.05
     assert SpecConfig(method="redrafter", min_draft_prob=0).min_draft_prob == 0.0
+    on = SpecConfig(method="redrafter")
+    assert (on.lookup_beam, on.prompt_lookup_min, on.prompt_lookup_max) == (True, 1, 3)
+    off = SpecConfig(method="redrafter", lookup_beam=False)
+    assert (off.lookup_beam, off.prompt_lookup_min, off.prompt_lookup_max) == (False, None, None)
+    assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 3
 
 
 def test_cli_generate_and_api_opt_out(tiny, capsys):

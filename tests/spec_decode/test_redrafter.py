@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paraserve.spec_decode.proposer import get_proposer
+from paraserve.spec_decode.proposer import Draft, get_proposer
 from paraserve.spec_decode.redrafter import (DrafterMismatchError, ReDrafter, ReDrafterConfig,
                                              ReDrafterProposer, beam_search, load_drafter,
                                              save_drafter)
@@ -216,6 +216,25 @@ def test_min_draft_prob_cuts_unlikely_tokens_and_stops_the_search(tmp_path):
     assert any(len(d) < 3 or min(map(len, d)) < 4 for d in expect)  # the cut does cut
     with pytest.raises(ValueError, match="min_draft_prob"):
         proposer(1.0)
+
+
+def test_lookup_beam_joins_the_drafter_beams(tmp_path):
+    """With a lookup proposer, the prompt-lookup draft of each request (when its context has a
+    match) is one more beam after the drafter's, unless a drafter beam is the same tokens."""
+    save_drafter(make_drafter(draft_vocab=12), str(tmp_path), dtype=torch.float32)
+    lookup = get_proposer("ngram", num_speculative_tokens=3, min_n=1, max_n=2)
+    plain = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3)
+    mixed = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
+                              lookup=lookup)
+    ids = [[5, 6, 7, 8, 5, 6], [1, 2, 3], [9, 9]]  # a match, none, a match of the root itself
+    h = torch.randn(3, H)
+    base = [d.beams for d in plain.propose(ids, h)]
+    got = [d.beams for d in mixed.propose(ids, h)]
+    assert got[0] == base[0] + [[7, 8, 5]] and got[1] == base[1] and got[2] == base[2] + [[9]]
+    # a lookup draft equal to a drafter beam is not verified twice
+    same = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
+                             lookup=SimpleNamespace(propose=lambda t, h=None: [Draft(beams=[b[0]]) for b in base]))
+    assert [d.beams for d in same.propose(ids, h)] == base
 
 
 # ---- self-distillation end to end ----------------------------------------------------------
