@@ -2,18 +2,22 @@
 
 Recipe. The frozen base model answers the chat prompts shipped in prompts.txt (through the
 engine, with its chat template): one greedy answer per prompt, which is what greedy speculation
-will have to predict, plus `num_samples` sampled ones at a moderate temperature, for more and more
-varied contexts. One teacher-forced forward over each prompt + answer gives the final hidden state
-h_t at every position, and the base model's own next-token distribution there (its logits: the
-teacher). At each answer position t the drafter gets (h_t, x_{t+1}) and learns, teacher-forced
-(the recurrence reads the true tokens x_{t+2} .. x_{t+K}), what the base model would choose at
-t+1 .. t+K: the cross-entropy against the teacher's argmax (its greedy choice, the token greedy
-verification accepts; for a sampled answer that is not always the sampled token) and against its
-top-k distribution (soft targets, which teach the drafter the runner-up tokens that the other
-beams draft), summed over the K offsets. Offsets whose context has left the greedy path (an input
+will have to predict, plus `num_samples` sampled ones at a moderate temperature, for more and
+more varied contexts; with `generated_prompts`, also prompts the base model writes itself (user
+requests sampled from its chat template's open user turn), each with its greedy answer: far
+more varied contexts than a fixed prompt list, which is what held-out acceptance needs (on its
+own training prompts a drafter accepts much more than on unseen ones). One teacher-forced
+forward over each prompt + answer gives the final hidden state h_t at every position, and the
+base model's own next-token distribution there (its logits: the teacher). At each answer
+position t the drafter gets (h_t, x_{t+1}) and learns, teacher-forced (the recurrence reads the
+true tokens x_{t+2} .. x_{t+K}), what the base model would choose at t+1 .. t+K: the
+cross-entropy against the teacher's argmax (its greedy choice, the token greedy verification
+accepts; for a sampled answer that is not always the sampled token) and against its top-k
+distribution (soft targets, which teach the drafter the runner-up tokens that the other beams
+draft), summed over the K offsets. Offsets whose context has left the greedy path (an input
 token the base model would not have chosen greedily) are masked: greedy verification never
-accepts a draft there. The vocabulary projection is restricted to the tokens the base model picks
-most often in this data and starts from the base model's LM head rows.
+accepts a draft there. The vocabulary projection is restricted to the tokens the base model
+picks most often in this data and starts from the base model's LM head rows.
 
 Held-out prompts measure what speculation would achieve: at every position of their greedy
 responses, beam search (width W, length L) drafts from (h_t, x_{t+1}); the accepted length is the
