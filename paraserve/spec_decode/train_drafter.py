@@ -62,11 +62,11 @@ class TrainDrafterConfig:
     prompts_file: Optional[str] = _f(None, "one user request per line (default: the shipped prompts.txt)")
     num_prompts: Optional[int] = _f(None, "training prompts (default: all but the held-out ones)")
     num_heldout: int = _f(32, "held-out prompts for the accepted-length report")
-    generated_prompts: int = _f(0, "more training prompts, written by the base model itself: user requests "
+    generated_prompts: int = _f(1200, "more training prompts, written by the base model itself: user requests "
                                    "sampled from its chat template's open user turn (each gets its greedy "
                                    "answer); more varied contexts than the shipped prompts alone")
     max_tokens: int = _f(192, "max response tokens per prompt")
-    num_samples: int = _f(3, "sampled answers per training prompt, besides its greedy one")
+    num_samples: int = _f(1, "sampled answers per shipped training prompt, besides its greedy one")
     temperature: float = _f(0.8, "sampling temperature of those answers (held-out answers: greedy)")
     gen_batch: int = _f(256, "requests in flight while generating (the engine's max_num_seqs here)")
     epochs: int = _f(1, "passes over the training positions")

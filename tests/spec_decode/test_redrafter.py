@@ -275,7 +275,7 @@ def test_train_drafter_cli_end_to_end(tmp_path):
     args = ["train-drafter", "--model", str(base), "--out", str(out), "--dtype", "float32", "--threads", "1",
             "--num-prompts", "40", "--num-heldout", "6", "--max-tokens", "24", "--epochs", "4",
             "--batch-size", "64", "--lr", "3e-3", "--draft-vocab-size", "256", "--beam-width", "2",
-            "--beam-length", "3", "--num-samples", "1", "--temperature", "0.8", "--soft-targets", "4"]
+            "--beam-length", "3", "--num-samples", "1", "--generated-prompts", "0", "--temperature", "0.8", "--soft-targets", "4"]
     threads = torch.get_num_threads()
     try:  # one thread: OpenMP on a busy 2-core machine is many times slower with two
         assert main(args) == 0
