@@ -377,3 +377,17 @@ def test_soft_targets_teach_the_runner_up(soft):
         assert abs(p[9] - 0.45) < 0.1, p[[5, 9]]
     else:
         assert p[5] > 0.9 and p[9] < 0.05, p[[5, 9]]
+
+
+def test_speculative_config_wires_the_lookup_beam(tmp_path):
+    from paraserve.config import SpecConfig
+    from paraserve.spec_decode.ngram import NgramProposer
+    from paraserve.spec_decode.speculator import build_proposer
+
+    save_drafter(make_drafter(draft_vocab=12), str(tmp_path), dtype=torch.float32)
+    on = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), beam_length=3,
+                                   prompt_lookup_max=2), fake_base(), "base")
+    assert isinstance(on.lookup, NgramProposer) and (on.lookup.k, on.lookup.min_n, on.lookup.max_n) == (3, 1, 2)
+    off = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), lookup_beam=False),
+                         fake_base(), "base")
+    assert off.lookup is None
