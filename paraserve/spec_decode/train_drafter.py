@@ -332,10 +332,10 @@ def generate(llm, train_prompts: list[str], heldout_prompts: list[str],
     from paraserve.sampling_params import SamplingParams
 
     greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
-    train_prompts = list(train_prompts) + list(written)
+    sampled = list(train_prompts)  # the shipped ones also get sampled answers
+    train_prompts = sampled + list(written)
     prompts = train_prompts + heldout_prompts
     params = [greedy] * len(prompts)
-    sampled = train_prompts[:len(train_prompts) - len(written)]
     for i in range(cfg.num_samples):
         prompts += sampled
         params += [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
