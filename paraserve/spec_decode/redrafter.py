@@ -187,6 +187,12 @@ class ReDrafter(nn.Module):
 class Beams(NamedTuple):
     token_ids: torch.Tensor  # [B, W, L] int64 base token ids, beam 0 the most likely
     logprobs: torch.Tensor  # [B, W, L] float32, each token's log-prob given its beam prefix
+    # every beam the search held after each step t (entry t * W + w: beam w after step t, t + 1
+    # tokens, then -1 padding), and its log-prob: the tree's candidate nodes. A beam dropped at a
+    # later step (its extensions lost to other beams') is often likelier than the final beams'
+    # last tokens, so verifying it accepts more per node than the final beams' prefixes alone.
+    visited: torch.Tensor  # [B, L * W, L] int64
+    visited_logprobs: torch.Tensor  # [B, L * W] float32
 
 
 @torch.inference_mode()
@@ -197,7 +203,8 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
 
     All beams start identical, so the first step expands one row per request (its top-width
     tokens); later steps expand every beam and keep the top-width of width * Vd candidates.
-    Beams are therefore distinct sequences. The search stops early, with shorter beams, once
+    Beams are therefore distinct sequences, and so are the beams of all steps (`visited`: a
+    beam after step t is a beam after step t - 1 plus one token, so they form a prefix tree). The search stops early, with shorter beams, once
     every beam's log-prob (the sum over its tokens) is below min_logprob: longer drafts would be
     cut by the caller anyway (ReDrafterProposer drops tokens below its min_draft_prob)."""
     if not 1 <= width <= drafter.config.vocab_rows or length < 1:
@@ -210,6 +217,7 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
     score, rows = logp.topk(W, dim=-1)  # [B, W] each; rows index the drafter's vocabulary
     picked = rows.unsqueeze(-1)  # [B, W, t] each beam's rows so far
     lps = score.unsqueeze(-1)  # [B, W, t]
+    steps = [(picked, score)]
     s = s.repeat_interleave(W, dim=0)  # [B * W, H]
     h_w = h.repeat_interleave(W, dim=0)  # [B * W, H]
     for t in range(1, L):
@@ -225,8 +233,12 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
         picked = torch.cat([picked.gather(1, hist), rows.unsqueeze(-1)], dim=-1)
         lps = torch.cat([lps.gather(1, hist), (new_score - score.gather(1, parent)).unsqueeze(-1)], -1)
         score = new_score
+        steps.append((picked, score))
         s = s.view(B, W, H).gather(1, parent.unsqueeze(-1).expand(B, W, H)).view(B * W, H)
-    return Beams(drafter.token_ids[picked], lps)
+    n = len(steps)
+    visited = torch.cat([F.pad(rows, (0, n - rows.shape[-1]), value=-1) for rows, _ in steps], 1)
+    ids = torch.where(visited >= 0, drafter.token_ids[visited.clamp(min=0)], -1)  # [B, n * W, n]
+    return Beams(ids[:, -W:], lps, ids, torch.cat([sc for _, sc in steps], 1))
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -349,12 +361,18 @@ class ReDrafterProposer(Proposer):
         last = torch.tensor([t[-1] for t in token_ids], dtype=torch.int64,
                             device=hidden_states.device)
         beams = self.propose_tensors(hidden_states, last)
-        # each beam up to its last token whose prefix the drafter finds likely enough (a beam's
-        # log-prob only falls along it, so that is a prefix); beams left empty are dropped
-        keep = (beams.logprobs.cumsum(-1) >= self.min_logprob).sum(-1).tolist()  # [B][W]
-        tokens = beams.token_ids.tolist()  # [B][W][L']
-        # deterministic drafts: verification treats them as point masses, which is lossless
-        drafts = [Draft(beams=[beam[:n] for beam, n in zip(b, k) if n]) for b, k in zip(tokens, keep)]
+        # the tree: every beam the search held at any step whose log-prob (that of its whole
+        # prefix) is at least min_logprob, given as its leaves (the tree adds their prefixes).
+        # Deepest first, likelier first: the first leaf is the best final beam, whose nodes are
+        # laid out first (an accepted path along it needs no K/V move).
+        drafts = []
+        for paths, lps in zip(beams.visited.tolist(), beams.visited_logprobs.tolist()):
+            kept = [(lp, tuple(t for t in path if t >= 0)) for path, lp in zip(paths, lps)
+                    if lp >= self.min_logprob]
+            inner = {path[:-1] for _, path in kept}
+            leaves = sorted(((-len(path), -lp), path) for lp, path in kept if path not in inner)
+            # deterministic drafts: verification treats them as point masses, which is lossless
+            drafts.append(Draft(beams=[list(path) for _, path in leaves]))
         if self.lookup is not None:
             for draft, extra in zip(drafts, self.lookup.propose(token_ids)):
                 draft.beams += [b for b in extra.beams if b not in draft.beams]

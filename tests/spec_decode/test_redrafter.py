@@ -96,6 +96,15 @@ def test_beam_search_matches_reference(draft_vocab):
     assert beams.token_ids.shape == (3, 4, 3) and beams.logprobs.shape == (3, 4, 3)
     assert torch.equal(beams.token_ids, ref_tokens)
     torch.testing.assert_close(beams.logprobs, ref_lp, rtol=1e-4, atol=1e-5)
+    # visited: the beams after step t are those of a search of length t, padded with -1
+    assert beams.visited.shape == (3, 3 * 4, 3) and beams.visited_logprobs.shape == (3, 3 * 4)
+    for t in (1, 2, 3):
+        with torch.no_grad():
+            tok_t, lp_t = reference_beam_search(drafter, h, last, embed, W=4, L=t)
+        rows = slice((t - 1) * 4, t * 4)
+        assert torch.equal(beams.visited[:, rows, :t], tok_t)
+        assert bool((beams.visited[:, rows, t:] == -1).all())
+        torch.testing.assert_close(beams.visited_logprobs[:, rows], lp_t.sum(-1), rtol=1e-4, atol=1e-5)
 
 
 def test_first_step_expands_only_beam_zero_and_beams_are_distinct():
@@ -165,7 +174,10 @@ def test_proposer(tmp_path):
     assert len(drafts) == 2
     for d in drafts:
         assert d.draft_probs is None  # deterministic drafts: verification stays lossless
-        assert len(d.beams) == 3 and all(len(b) == 2 for b in d.beams)
+        # every beam either search step held: the 3 final ones (2 tokens) come first, then the
+        # first-step beams none of them extends (at most 2: the best one is always extended)
+        assert 3 <= len(d.beams) <= 5 and all(len(b) == 2 for b in d.beams[:3])
+        assert all(len(b) == 1 for b in d.beams[3:])
     with pytest.raises(DrafterMismatchError):
         ReDrafterProposer(fake_base(vocab=V + 2), "base", str(tmp_path))
     with pytest.raises(ValueError, match="hidden states"):
@@ -206,16 +218,37 @@ def test_min_draft_prob_cuts_unlikely_tokens_and_stops_the_search(tmp_path):
                                  min_draft_prob=p)
 
     ids = [[1, int(t)] for t in last]
-    assert [d.beams for d in proposer(0.0).propose(ids, h)] == full.token_ids.tolist()
-    cum = full.logprobs.cumsum(-1)
-    tau = float(cum[:, 0, 1].exp().median())  # some requests keep 2+ tokens of beam 0, some fewer
-    beams = beam_search(drafter, h, last, embed, 3, 4, math.log(tau))
-    keep = (beams.logprobs.cumsum(-1) >= math.log(tau)).sum(-1).tolist()
-    expect = [[b[:n] for b, n in zip(toks, k) if n] for toks, k in zip(beams.token_ids.tolist(), keep)]
-    assert [d.beams for d in proposer(tau).propose(ids, h)] == expect
-    assert any(len(d) < 3 or min(map(len, d)) < 4 for d in expect)  # the cut does cut
+    for p in (0.0, float(full.logprobs.cumsum(-1)[:, 0, 1].exp().median())):
+        # p = the median: some requests keep 2+ tokens of beam 0, some fewer
+        got = proposer(p).propose(ids, h)
+        with torch.no_grad():
+            expect = reference_tree(drafter, h, last, embed, 3, 4, math.log(p) if p else -math.inf)
+        for d, nodes in zip(got, expect):
+            tree = DraftTree.from_beams(1, d.beams)
+            assert {tree.path(i) for i in range(1, tree.num_nodes)} == nodes
+            assert tree.num_nodes == len(nodes) + 1  # beams are leaves: no node twice
+        if p:
+            assert any(len(n) < 12 for n in expect)  # the cut does cut
+        else:
+            assert all(len(n) > len({b[:k] for b in map(tuple, f) for k in range(1, 5)})
+                       for n, f in zip(expect, full.token_ids.tolist()))  # dropped beams add nodes
+            for d, f in zip(got, full.token_ids.tolist()):
+                assert d.beams[0] == f[0]  # the best final beam first: its nodes are laid out first
     with pytest.raises(ValueError, match="min_draft_prob"):
         proposer(1.0)
+
+
+def reference_tree(drafter, h, last, embed, W, L, min_logprob):
+    """Per request, the set of draft paths the proposer should verify: every beam that the
+    search of length L holds after some step t (= the beams of a search of length t) whose
+    log-prob is at least min_logprob."""
+    out = [set() for _ in range(h.shape[0])]
+    for t in range(1, L + 1):
+        tokens, lps = reference_beam_search(drafter, h, last, embed, W, t)
+        for b in range(h.shape[0]):
+            out[b] |= {tuple(x) for x, lp in zip(tokens[b].tolist(), lps[b].sum(-1).tolist())
+                       if lp >= min_logprob}
+    return out
 
 
 def test_lookup_beam_joins_the_drafter_beams(tmp_path):
