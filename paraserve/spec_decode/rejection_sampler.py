@@ -2,7 +2,7 @@
 
 Pure tensor functions over a batch of requests (PackedTrees, node 0 = root, see tree.py):
 no .item() and no data-dependent shapes, so on GPU the caller's read of the result is the one
-host sync. Python loops run over the static beam width W and length L only.
+host sync. Python loops run over the static beam width W and length L, or node count N only.
 
 Sampling rule, and why it is lossless. One speculative step (Leviathan et al. 2023, "Fast
 inference from transformers via speculative decoding"; Chen et al. 2023, "Accelerating large
@@ -37,6 +37,7 @@ from typing import Optional
 
 import torch
 
+from paraserve.layers.sampler import inverse_cdf
 from paraserve.spec_decode.tree import PackedTrees
 
 
@@ -76,6 +77,8 @@ def verify_sampling(target_probs: torch.Tensor, trees: PackedTrees,
     verify_greedy's). draft_probs: [B, W, L, V], or None when every row's drafts are
     deterministic (a deterministic row in a batch that has draft_probs passes one_hot of its
     draft tokens). generators: request row -> its own generator (seeded requests)."""
+    if draft_probs is None:
+        return _verify_point_masses(target_probs, trees, generators or {})
     B, N, V = target_probs.shape
     W, L = trees.unpack.shape[1:]
     dev = target_probs.device
@@ -109,6 +112,49 @@ def verify_sampling(target_probs: torch.Tensor, trees: PackedTrees,
                             torch.where(reject, _residual(p, q), p))
     token = (p / e.clamp_(min=torch.finfo(e.dtype).tiny)).argmax(-1)  # a draw from p
     return _finish(trees, cur, token)
+
+
+def _verify_point_masses(target_probs: torch.Tensor, trees: PackedTrees,
+                         generators: dict[int, torch.Generator]) -> VerifyOutput:
+    """verify_sampling for deterministic drafts, node by node: the rule of the module docstring
+    with q a point mass. A node is tried when its parent is the deepest accepted node so far;
+    it is accepted with probability r(x) = p(x) / (1 - m), where p is the target at its parent
+    and m the mass of the siblings rejected before it (r is p with their tokens zeroed, i.e. the
+    residual after each point-mass rejection). The final token is drawn from p at the last
+    accepted node with its rejected children's tokens zeroed. Scalars per node instead of [V]
+    vectors per (beam, position): siblings are distinct tokens in a tree, so each is tried once."""
+    B, N, V = target_probs.shape
+    dev = target_probs.device
+    real = trees.attn_mask.diagonal(dim1=1, dim2=2)  # [B, N]; False on padding nodes
+    u = torch.rand(B, N, device=dev)  # a coin per node
+    for i, g in generators.items():
+        # the row's own coins, one per node of its tree, not the batch's padded ones: a seeded
+        # request consumes the same numbers whatever else is in its batch
+        n = int(real[i].sum())
+        u[i, :n] = torch.rand(n, generator=g, device=dev)
+    # p(x) of each node's token under the target at its parent
+    px = target_probs.reshape(B, N * V).gather(1, trees.node_parents * V + trees.node_tokens).float()
+    cur = torch.zeros(B, dtype=torch.int64, device=dev)  # deepest accepted node so far
+    mass = torch.zeros(B, device=dev)  # target mass of cur's children rejected so far
+    rejected = torch.zeros(B, N, dtype=torch.bool, device=dev)
+    for i in range(1, N):  # topological order: a node's parent is decided before it
+        tries = real[:, i] & (trees.node_parents[:, i] == cur)
+        accept = tries & _accept(u[:, i], px[:, i], 1.0 - mass)
+        reject = tries & ~accept
+        cur = torch.where(accept, i, cur)
+        mass = torch.where(accept, 0.0, torch.where(reject, _drop(mass, px[:, i]), mass))
+        rejected[:, i] = reject
+    p = target_probs[torch.arange(B, device=dev), cur].float()  # [B, V]
+    drop = rejected & (trees.node_parents == cur.unsqueeze(1))  # cur's rejected children
+    p = torch.cat([p, p.new_zeros(B, 1)], 1).scatter_(1, torch.where(drop, trees.node_tokens, V), 0.0)
+    # the sampler's own draw (one uniform per row; an exponential race costs V draws)
+    return _finish(trees, cur, inverse_cdf(p[:, :V], generators))
+
+
+def _drop(mass: torch.Tensor, px: torch.Tensor) -> torch.Tensor:
+    """[B]: the target mass removed once a point-mass draft x with p(x) = px is rejected (the
+    residual norm(max(p - onehot(x), 0)) is p without x)."""
+    return mass + px
 
 
 def _accept(u: torch.Tensor, px: torch.Tensor, qx: torch.Tensor) -> torch.Tensor:

@@ -344,3 +344,26 @@ def test_forward_makes_no_cuda_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.sampled_token_ids.is_cuda
+
+
+def test_top_k_top_p_from_candidates_equals_the_full_sort():
+    """On CPU, top-k/top-p read each row's TOP_CANDIDATES largest logits and sort a row in full
+    only when its set may reach past them: the kept sets are the full sort's, on peaked rows
+    (sets inside the candidates) and flat ones (top-p needs more of the vocabulary), with top-k
+    off, inside and beyond the candidates, and rows mixing them."""
+    from paraserve.layers import sampler
+
+    g = seeded(0)
+    V, c = 4000, sampler.TOP_CANDIDATES
+    scale = torch.tensor([8.0, 8.0, 0.3, 0.3, 3.0, 3.0, 1.0, 0.05] * 4).unsqueeze(1)  # [32, 1]
+    x = torch.randn(32, V, generator=g) * scale
+    top_k = torch.tensor([V, 5, V, 3 * c, c, c + 1, 50, V] * 4)
+    top_p = torch.tensor([0.9, 1.0, 0.95, 0.5, 1.0, 0.99, 0.7, 1.0,
+                          0.3, 0.8, 0.6, 1.0, 0.999, 0.9, 1.0, 0.2] * 2)
+    for k, p in [(top_k, top_p), (None, top_p), (top_k, None)]:
+        fast = sampler._top_k_top_p_candidates(x.clone(), k, p)
+        ref = sampler._top_k_top_p_sorted(x.clone(), k, p)
+        assert torch.equal(fast.isinf(), ref.isinf())
+        assert torch.equal(fast[~fast.isinf()], x[~fast.isinf()])
+    kept = (~sampler._top_k_top_p_candidates(x.clone(), top_k, top_p).isinf()).sum(-1)
+    assert (kept > c).any() and (kept < 10).any()  # both regimes ran

@@ -210,8 +210,9 @@ def test_wrong_rules_are_detected(wrong, deterministic_case, sampled_case, monke
     """The statistical test has power: each plausible mistake fails it by a wide margin."""
     if wrong == "accept_if_p_above_q":
         monkeypatch.setattr(rs, "_accept", lambda u, px, qx: px >= qx)
-    if wrong == "no_residual":
+    if wrong == "no_residual":  # both paths: sampled drafts, and point masses node by node
         monkeypatch.setattr(rs, "_residual", lambda p, q: p)
+        monkeypatch.setattr(rs, "_drop", lambda mass, px: mass)
     torch.manual_seed(0)
     target, packed, probs, q = sampled_case
     if wrong == "merge_duplicates":
