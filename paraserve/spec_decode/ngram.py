@@ -28,10 +28,13 @@ class NgramProposer(Proposer):
         self.max_n = max_n
 
     def propose(self, token_ids: Sequence[Sequence[int]],
-                hidden_states: Optional[torch.Tensor] = None) -> list[Draft]:
+                hidden_states: Optional[torch.Tensor] = None,
+                max_nodes: Optional[Sequence[int]] = None) -> list[Draft]:
         out = []
-        for tokens in token_ids:
+        for i, tokens in enumerate(token_ids):
             draft = self.lookup(np.asarray(tokens, dtype=np.int64))
+            if max_nodes is not None:
+                draft = draft[:max_nodes[i]]
             out.append(Draft(beams=[draft] if draft else []))
         return out
 

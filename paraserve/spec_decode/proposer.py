@@ -33,10 +33,13 @@ class Proposer(abc.ABC):
 
     @abc.abstractmethod
     def propose(self, token_ids: Sequence[Sequence[int]],
-                hidden_states: Optional[torch.Tensor] = None) -> list[Draft]:
+                hidden_states: Optional[torch.Tensor] = None,
+                max_nodes: Optional[Sequence[int]] = None) -> list[Draft]:
         """token_ids: per request, prompt + output so far (the last one is the tree root).
         hidden_states: [B, H] the base model's hidden state at each request's last token, for
-        drafters that read it; model-free proposers ignore it. Returns one Draft per request."""
+        drafters that read it; model-free proposers ignore it. max_nodes: per request, the most
+        draft tokens (tree nodes) to propose; None: the proposer's own limits only. Returns one
+        Draft per request."""
 
 
 _PROPOSERS = {

@@ -353,7 +353,8 @@ class ReDrafterProposer(Proposer):
                            self.beam_width, self.beam_length, self.min_logprob)
 
     def propose(self, token_ids: Sequence[Sequence[int]],
-                hidden_states: Optional[torch.Tensor] = None) -> list[Draft]:
+                hidden_states: Optional[torch.Tensor] = None,
+                max_nodes: Optional[Sequence[int]] = None) -> list[Draft]:
         if hidden_states is None:
             raise ValueError("the redrafter proposer needs the base model's hidden states")
         if not token_ids:
@@ -362,18 +363,22 @@ class ReDrafterProposer(Proposer):
                             device=hidden_states.device)
         beams = self.propose_tensors(hidden_states, last)
         # the tree: every beam the search held at any step whose log-prob (that of its whole
-        # prefix) is at least min_logprob, given as its leaves (the tree adds their prefixes).
-        # Deepest first, likelier first: the first leaf is the best final beam, whose nodes are
-        # laid out first (an accepted path along it needs no K/V move).
+        # prefix) is at least min_logprob, given as its leaves (the tree adds their prefixes);
+        # with max_nodes, only that many of the likeliest (a prefix is at least as likely as
+        # its extensions, so they form a tree). Deepest first, likelier first: the first leaf is
+        # the best final beam kept, whose nodes are laid out first (an accepted path along it
+        # needs no K/V move).
         drafts = []
-        for paths, lps in zip(beams.visited.tolist(), beams.visited_logprobs.tolist()):
+        for b, (paths, lps) in enumerate(zip(beams.visited.tolist(), beams.visited_logprobs.tolist())):
             kept = [(lp, tuple(t for t in path if t >= 0)) for path, lp in zip(paths, lps)
                     if lp >= self.min_logprob]
+            if max_nodes is not None and len(kept) > max_nodes[b]:
+                kept = sorted(kept, key=lambda k: (-k[0], len(k[1])))[:max_nodes[b]]
             inner = {path[:-1] for _, path in kept}
             leaves = sorted(((-len(path), -lp), path) for lp, path in kept if path not in inner)
             # deterministic drafts: verification treats them as point masses, which is lossless
             drafts.append(Draft(beams=[list(path) for _, path in leaves]))
-        if self.lookup is not None:
-            for draft, extra in zip(drafts, self.lookup.propose(token_ids)):
+        if self.lookup is not None:  # its draft is cut to max_nodes too
+            for draft, extra in zip(drafts, self.lookup.propose(token_ids, max_nodes=max_nodes)):
                 draft.beams += [b for b in extra.beams if b not in draft.beams]
         return drafts

@@ -35,6 +35,7 @@ class Speculator:
         self.method = config.method
         self.vocab_size = vocab_size
         self.proposer = build_proposer(config, model, model_name)
+        self.tree_context_budget = config.tree_context_budget
         # ReDrafter reads the base model's final hidden state at the row that chose the last token
         self.needs_hidden_states = config.method == "redrafter"
 
@@ -50,12 +51,19 @@ class Speculator:
         """token_ids: per request, prompt + output (the last token is the tree's root);
         max_depths: per request, the most draft tokens one path may hold (what max_tokens leaves);
         hidden_states: [B, H] for ReDrafter. Returns a tree per request, None when nothing."""
-        drafts = self.proposer.propose(token_ids, hidden_states)
+        drafts = self.proposer.propose(token_ids, hidden_states, self.max_nodes(token_ids))
         trees: list[Optional[DraftTree]] = []
         for tokens, depth, draft in zip(token_ids, max_depths, drafts):
             beams = [b[:depth] for b in draft.beams]
             trees.append(DraftTree.from_beams(tokens[-1], beams) if any(beams) else None)
         return trees
+
+    def max_nodes(self, token_ids: Sequence[list[int]]) -> Optional[list[int]]:
+        """Per request, the most draft nodes its tree may hold: every node attends over the
+        whole context, so a verification's extra attention grows as nodes x context length
+        (SpecConfig.tree_context_budget bounds that product). None: no bound."""
+        budget = self.tree_context_budget
+        return [max(1, budget // len(t)) for t in token_ids] if budget else None
 
     def verify(self, logits: torch.Tensor, trees: PackedTrees, rows: list[SamplingRow]) -> VerifyOutput:
         """logits: [T, V] raw logits of every tree node, flat, tree after tree in `trees`' order;

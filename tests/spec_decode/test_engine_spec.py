@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from paraserve import LLM, SamplingParams
-from paraserve.config import ConfigError, SpecConfig
+from paraserve.config import DEFAULT_TREE_CONTEXT_BUDGET, ConfigError, SpecConfig
 from paraserve.spec_decode.proposer import Draft, Proposer
 from paraserve.spec_decode.redrafter import ReDrafter, ReDrafterConfig, save_drafter
 
@@ -129,7 +129,7 @@ class OracleProposer(Proposer):
         self.length = length
         self.rng = random.Random(seed)
 
-    def propose(self, token_ids, hidden_states=None):
+    def propose(self, token_ids, hidden_states=None, max_nodes=None):
         return [Draft(self._beams(self._continuation(t))) for t in token_ids]
 
     def _continuation(self, tokens):
@@ -161,6 +161,36 @@ def test_greedy_identical_in_mixed_batches(tiny, reference, drafter_dir, method,
     assert _tokens(outs) == reference
     assert llm.engine.spec_decoding_stats().num_drafts > 0
     assert _mixed_step(sched)
+
+
+def _tree_sizes(llm) -> list[tuple[int, int]]:
+    """Spy on the speculator: (context length, draft nodes) of every tree it proposes."""
+    spec, seen = llm.engine.worker.runner.spec, []
+    propose = spec.propose
+
+    def spy(token_ids, max_depths, hidden_states):
+        trees = propose(token_ids, max_depths, hidden_states)
+        seen.extend((len(t), tr.num_nodes - 1) for t, tr in zip(token_ids, trees) if tr is not None)
+        return trees
+
+    spec.propose = spy
+    return seen
+
+
+def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_dir):
+    """Nodes x context length stays within tree_context_budget: at most max(1, budget //
+    context) drafter nodes plus the lookup beam cut as short; 0 bounds nothing."""
+    spec = {"method": "redrafter", "num_speculative_tokens": 3, "beam_width": 3,
+            "drafter_path": drafter_dir, "min_draft_prob": 0.0}
+    sizes = {}
+    for budget in (100, 0):
+        llm = _llm(tiny, {**spec, "tree_context_budget": budget})
+        sizes[budget] = _tree_sizes(llm)
+        outs, _ = _drive(llm, _prompts(), GREEDY)
+        assert _tokens(outs) == reference
+    assert all(n <= 2 * max(1, 100 // c) for c, n in sizes[100])
+    assert any(n > 2 * max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
+    assert any(c > 100 for c, _ in sizes[100])  # one drafter node and a lookup token
 
 
 def test_accepted_paths_off_the_first_beam_keep_their_kv(tiny, reference):
@@ -314,7 +344,9 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
                      ('{"method": "ngram", "lookup_beam": true}', "not an option of method 'ngram'"),
                      ('{"method": "redrafter", "lookup_beam": 1}', "lookup_beam must be true or false"),
                      ('{"method": "redrafter", "lookup_beam": false, "prompt_lookup_max": 4}',
-                      "which lookup_beam false turns off")]:
+                      "which lookup_beam false turns off"),
+                     ('{"method": "ngram", "tree_context_budget": -1}', "tree_context_budget must be an integer >= 0"),
+                     ('{"method": "redrafter", "tree_context_budget": "4k"}', "tree_context_budget must be")]:
         assert main(["generate", "--prompt", "hi", "--speculative-config", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1 and msg in err, err
@@ -328,6 +360,8 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     off = SpecConfig(method="redrafter", lookup_beam=False)
     assert (off.lookup_beam, off.prompt_lookup_min, off.prompt_lookup_max) == (False, None, None)
     assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 3
+    assert SpecConfig(method="ngram").tree_context_budget == DEFAULT_TREE_CONTEXT_BUDGET
+    assert SpecConfig(method="ngram", tree_context_budget=0).tree_context_budget == 0
 
 
 def test_cli_generate_and_api_opt_out(tiny, capsys):

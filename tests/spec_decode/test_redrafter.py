@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -238,17 +239,41 @@ def test_min_draft_prob_cuts_unlikely_tokens_and_stops_the_search(tmp_path):
         proposer(1.0)
 
 
-def reference_tree(drafter, h, last, embed, W, L, min_logprob):
+def reference_tree(drafter, h, last, embed, W, L, min_logprob, scores=False):
     """Per request, the set of draft paths the proposer should verify: every beam that the
     search of length L holds after some step t (= the beams of a search of length t) whose
-    log-prob is at least min_logprob."""
-    out = [set() for _ in range(h.shape[0])]
+    log-prob is at least min_logprob (with scores: a dict path -> log-prob)."""
+    out = [{} for _ in range(h.shape[0])]
     for t in range(1, L + 1):
         tokens, lps = reference_beam_search(drafter, h, last, embed, W, t)
         for b in range(h.shape[0]):
-            out[b] |= {tuple(x) for x, lp in zip(tokens[b].tolist(), lps[b].sum(-1).tolist())
-                       if lp >= min_logprob}
-    return out
+            out[b].update({tuple(x): lp for x, lp in zip(tokens[b].tolist(), lps[b].sum(-1).tolist())
+                           if lp >= min_logprob})
+    return out if scores else [set(d) for d in out]
+
+
+def test_max_nodes_keeps_the_likeliest_nodes_and_cuts_the_lookup_beam(tmp_path):
+    """With max_nodes, a request's tree holds that many of the search's likeliest beams (a
+    tree: a prefix is at least as likely as its extensions), and the lookup beam is cut to as
+    many tokens; requests without a bound keep every node."""
+    drafter, embed = make_drafter(draft_vocab=12), make_embed()
+    save_drafter(drafter, str(tmp_path), dtype=torch.float32)
+    lookup = get_proposer("ngram", num_speculative_tokens=4, min_n=1, max_n=2)
+    proposer = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=3, beam_length=4,
+                                 lookup=lookup)
+    h, last = torch.randn(4, H), torch.randint(0, 30, (4,))
+    ids = [[int(t), 30, 31, 32, 33, int(t)] for t in last]  # the lookup continues with 30, 31, ...
+    caps = [1, 3, 6, 100]
+    with torch.no_grad():
+        nodes = reference_tree(drafter, h, last, embed, 3, 4, -math.inf, scores=True)
+    for d, cap, ref in zip(proposer.propose(ids, h, max_nodes=caps), caps, nodes):
+        chain = (30, 31, 32, 33)[:cap]
+        assert list(chain) in d.beams or chain in ref
+        top = sorted(ref, key=lambda p: (-ref[p], len(p)))[:cap]
+        tree = DraftTree.from_beams(1, d.beams)
+        expect = set(top) | {chain[:k] for k in range(1, len(chain) + 1)}
+        assert {tree.path(n) for n in range(1, tree.num_nodes)} == expect
+    assert len(top) == len(ref) == 12  # the last request is not bounded: every node
 
 
 def test_lookup_beam_joins_the_drafter_beams(tmp_path):
@@ -266,7 +291,7 @@ def test_lookup_beam_joins_the_drafter_beams(tmp_path):
     assert got[0] == base[0] + [[7, 8, 5]] and got[1] == base[1] and got[2] == base[2] + [[9]]
     # a lookup draft equal to a drafter beam is not verified twice
     same = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
-                             lookup=SimpleNamespace(propose=lambda t, h=None: [Draft(beams=[b[0]]) for b in base]))
+                             lookup=SimpleNamespace(propose=lambda t, h=None, max_nodes=None: [Draft(beams=[b[0]]) for b in base]))
     assert [d.beams for d in same.propose(ids, h)] == base
 
 
