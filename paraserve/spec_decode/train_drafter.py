@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from paraserve.config import ConfigError
+from paraserve.spec_decode.drafter_data import DrafterData, data_key, load_data, save_data
 
 if TYPE_CHECKING:
     import torch
@@ -89,6 +90,8 @@ class TrainDrafterConfig:
                                   "base model's hidden state at each offset (as EAGLE does; 0: off)")
     bf16: bool = _f(True, "train with bfloat16 matrix products (autocast; float32 weights and loss)")
     train_seed: int = _f(0, "seed of the prompt split, the sampling, the drafter init and the training order")
+    data_dir: Optional[str] = _f(None, "keep the generated data (answers, hidden states) in this directory and "
+                                       "reuse it when a later run asks for the same data: then only training runs")
 
     def __post_init__(self) -> None:
         if not self.out:
@@ -192,15 +195,14 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     logger.info("train-drafter: %d training prompts (greedy + %d sampled answers each, temperature %g) "
                 "+ %d held-out prompts (greedy), up to %d tokens each", len(train_prompts),
                 cfg.num_samples, cfg.temperature, len(heldout_prompts), cfg.max_tokens)
-    written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
-    if cfg.generated_prompts:
-        lap("write prompts")
-    train, heldout = generate(llm, train_prompts, heldout_prompts, cfg, written)
-    lap("generate")
-    k = max(1, cfg.soft_targets)
-    train_h, train_t = hidden_states(model, train, teacher_k=k)
-    heldout_h, _ = hidden_states(model, heldout)
-    lap("hidden")
+    key = data_key(cfg, name, str(model.embed_tokens.weight.dtype), cfg.prompts_file or PROMPTS_FILE)
+    data = load_data(cfg.data_dir, key) if cfg.data_dir else None
+    if data is None:
+        data = generate_data(llm, model, train_prompts, heldout_prompts, cfg, lap)
+        if cfg.data_dir:
+            save_data(cfg.data_dir, key, data)
+    train, heldout, train_h, train_t, heldout_h = data
+    del data
     drafter = new_drafter(cfg, model, name, train, train_t)
     data = make_training_set(train, train_h, train_t, drafter.token_ids, model.config.vocab_size, cfg)
     del train_h, train_t
@@ -223,6 +225,20 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     logger.info("saved drafter to %s; time: %s", cfg.out,
                 ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
     return report
+
+
+def generate_data(llm, model, train_prompts: list[str], heldout_prompts: list[str],
+                  cfg: TrainDrafterConfig, lap: Callable[[str], None]) -> DrafterData:
+    """The base model's answers (written prompts too), hidden states and top-k choices."""
+    written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
+    if cfg.generated_prompts:
+        lap("write prompts")
+    train, heldout = generate(llm, train_prompts, heldout_prompts, cfg, written)
+    lap("generate")
+    train_h, train_t = hidden_states(model, train, teacher_k=max(1, cfg.soft_targets))
+    heldout_h, _ = hidden_states(model, heldout)
+    lap("hidden")
+    return DrafterData(train, heldout, train_h, train_t, heldout_h)
 
 
 def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],

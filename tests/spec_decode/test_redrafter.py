@@ -325,21 +325,40 @@ def build_predictable_llama(path: Path) -> Path:
     return path
 
 
-def test_train_drafter_cli_end_to_end(tmp_path):
+def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     from paraserve.server.cli import main
+    from paraserve.spec_decode import train_drafter
 
     base = build_predictable_llama(tmp_path / "base")
-    out = tmp_path / "drafter"
+    out, data = tmp_path / "drafter", tmp_path / "data"
     args = ["train-drafter", "--model", str(base), "--out", str(out), "--dtype", "float32", "--threads", "1",
             "--num-prompts", "40", "--num-heldout", "6", "--max-tokens", "24", "--epochs", "4",
             "--batch-size", "64", "--lr", "3e-3", "--draft-vocab-size", "256", "--beam-width", "2",
-            "--beam-length", "3", "--num-samples", "1", "--generated-prompts", "0", "--temperature", "0.8", "--soft-targets", "4"]
+            "--beam-length", "3", "--num-samples", "1", "--generated-prompts", "0", "--temperature", "0.8",
+            "--soft-targets", "4", "--data-dir", str(data)]
     threads = torch.get_num_threads()
-    try:  # one thread: OpenMP on a busy 2-core machine is many times slower with two
-        assert main(args) == 0
-    finally:
-        torch.set_num_threads(threads)
+
+    def train(*extra, to=out):  # the last --out given wins
+        try:  # one thread: OpenMP on a busy 2-core machine is many times slower with two
+            assert main(args + list(extra) + ["--out", str(to)]) == 0
+        finally:
+            torch.set_num_threads(threads)
+        return json.loads((to / "train_report.json").read_text())["report"]
+
+    train()
+    kept = sorted(p.name for p in data.iterdir())
+    assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".pt")
     made = json.loads((out / "train_report.json").read_text())
+    # the same data options again: the kept data, nothing generated (other training options)
+    real = train_drafter.generate_data
+    monkeypatch.setattr(train_drafter, "generate_data", lambda *a: pytest.fail("generated again"))
+    again = train("--epochs", "1", "--lr", "1e-3", to=tmp_path / "again")
+    assert again["num_train_positions"] == made["report"]["num_train_positions"]
+    assert "generate" not in again["seconds"] and again["accepted_length"] > 1.0
+    # other data options: new data, kept beside the first
+    monkeypatch.setattr(train_drafter, "generate_data", real)
+    train("--max-tokens", "12", "--epochs", "1", to=tmp_path / "short")
+    assert len(list(data.glob("*.pt"))) == 2
     report = made["report"]
     assert made["train"]["num_samples"] == 1 and made["train"]["soft_targets"] == 4
     # a greedy and a sampled answer of up to 24 tokens per prompt (this model rarely ends early)
