@@ -6,9 +6,11 @@ prompts took 6 min to write, 29 min to answer and 19 min to turn into hidden sta
 positions 15 min to train on. With the data kept, trying other training options (epochs, head
 size, learning rate, loss weights, draft vocabulary) costs the training alone.
 
-A directory holds one file per data key (`<key hash>.pt`: the samples, the base model's hidden
-states and its top-k next-token choices) and its key in readable form (`<key hash>.json`).
-Files are written to a temporary name and renamed, so an interrupted run leaves no half file.
+A directory holds, per data key, `<key hash>.pt` (the samples, the base model's hidden states
+and its top-k next-token choices) and the key in readable form (`<key hash>.json`). Until the
+hidden-state pass ends, `<key hash>.samples.pt` holds the answers alone: a run stopped during
+that pass resumes from them. Files are written to a temporary name and renamed, so an
+interrupted run leaves no half file.
 """
 from __future__ import annotations
 
@@ -55,37 +57,66 @@ def load_data(data_dir: str, key: dict[str, Any]) -> Optional[DrafterData]:
     """The data kept for `key`, or None when there is none."""
     import torch
 
-    from paraserve.spec_decode.train_drafter import Sample, Teacher
+    from paraserve.spec_decode.train_drafter import Teacher
 
     path = _path(data_dir, key) + ".pt"
     if not os.path.isfile(path):
         return None
     logger.info("train-drafter: reusing the generated data in %s", path)
     raw = torch.load(path, weights_only=True)
-    samples = {part: [Sample(ids, n) for ids, n in zip(raw[part + "_ids"], raw[part + "_prompt_lens"])]
-               for part in ("train", "heldout")}
     teacher = [Teacher(i, p) for i, p in zip(raw["teacher_ids"], raw["teacher_probs"])]
-    return DrafterData(samples["train"], samples["heldout"], raw["train_hidden"], teacher,
-                       raw["heldout_hidden"])
+    return DrafterData(*_samples(raw), raw["train_hidden"], teacher, raw["heldout_hidden"])
+
+
+def load_samples(data_dir: str, key: dict[str, Any]) -> Optional[tuple[list["Sample"], list["Sample"]]]:
+    """The answers kept for `key` by a run that stopped before its hidden states, or None."""
+    import torch
+
+    path = _path(data_dir, key) + ".samples.pt"
+    if not os.path.isfile(path):
+        return None
+    logger.info("train-drafter: reusing the generated answers in %s", path)
+    return _samples(torch.load(path, weights_only=True))
+
+
+def save_samples(data_dir: str, key: dict[str, Any], train: list["Sample"], heldout: list["Sample"]) -> None:
+    _write(_path(data_dir, key), ".samples.pt", _raw_samples(train, heldout), key)
 
 
 def save_data(data_dir: str, key: dict[str, Any], data: DrafterData) -> str:
-    import torch
-
-    os.makedirs(data_dir, exist_ok=True)
     base = _path(data_dir, key)
     raw = {"train_hidden": data.train_hidden, "heldout_hidden": data.heldout_hidden,
            "teacher_ids": [t.ids for t in data.train_teacher],
-           "teacher_probs": [t.probs for t in data.train_teacher]}
-    for part, samples in (("train", data.train), ("heldout", data.heldout)):
-        raw[part + "_ids"] = [s.token_ids for s in samples]
-        raw[part + "_prompt_lens"] = [s.prompt_len for s in samples]
-    for suffix, write in ((".pt", lambda f: torch.save(raw, f)),
-                          (".json", lambda f: f.write(json.dumps(key, indent=2).encode() + b"\n"))):
-        tmp = base + suffix + ".tmp"
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, base + suffix)
+           "teacher_probs": [t.probs for t in data.train_teacher], **_raw_samples(data.train, data.heldout)}
+    _write(base, ".pt", raw, key)
+    if os.path.exists(base + ".samples.pt"):  # the full data holds them
+        os.remove(base + ".samples.pt")
     logger.info("train-drafter: kept the generated data in %s.pt", base)
     return base + ".pt"
 
+
+def _raw_samples(train: list["Sample"], heldout: list["Sample"]) -> dict[str, list]:
+    raw: dict[str, list] = {}
+    for part, samples in (("train", train), ("heldout", heldout)):
+        raw[part + "_ids"] = [s.token_ids for s in samples]
+        raw[part + "_prompt_lens"] = [s.prompt_len for s in samples]
+    return raw
+
+
+def _samples(raw: dict[str, list]) -> tuple[list["Sample"], list["Sample"]]:
+    from paraserve.spec_decode.train_drafter import Sample
+
+    train, heldout = ([Sample(ids, n) for ids, n in zip(raw[part + "_ids"], raw[part + "_prompt_lens"])]
+                      for part in ("train", "heldout"))
+    return train, heldout
+
+
+def _write(base: str, suffix: str, raw: dict[str, Any], key: dict[str, Any]) -> None:
+    import torch
+
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    for name, write in ((base + suffix, lambda f: torch.save(raw, f)),
+                        (base + ".json", lambda f: f.write(json.dumps(key, indent=2).encode() + b"\n"))):
+        with open(name + ".tmp", "wb") as f:
+            write(f)
+        os.replace(name + ".tmp", name)

@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from paraserve.config import ConfigError
-from paraserve.spec_decode.drafter_data import DrafterData, data_key, load_data, save_data
+from paraserve.spec_decode.drafter_data import (DrafterData, data_key, load_data, load_samples,
+                                                save_data, save_samples)
 
 if TYPE_CHECKING:
     import torch
@@ -198,7 +199,13 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     key = data_key(cfg, name, str(model.embed_tokens.weight.dtype), cfg.prompts_file or PROMPTS_FILE)
     data = load_data(cfg.data_dir, key) if cfg.data_dir else None
     if data is None:
-        data = generate_data(llm, model, train_prompts, heldout_prompts, cfg, lap)
+        samples = load_samples(cfg.data_dir, key) if cfg.data_dir else None
+        if samples is None:
+            samples = generate_samples(llm, train_prompts, heldout_prompts, cfg, lap)
+            if cfg.data_dir:
+                save_samples(cfg.data_dir, key, *samples)
+        data = add_hidden_states(model, *samples, cfg)
+        lap("hidden")
         if cfg.data_dir:
             save_data(cfg.data_dir, key, data)
     train, heldout, train_h, train_t, heldout_h = data
@@ -227,17 +234,21 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     return report
 
 
-def generate_data(llm, model, train_prompts: list[str], heldout_prompts: list[str],
-                  cfg: TrainDrafterConfig, lap: Callable[[str], None]) -> DrafterData:
-    """The base model's answers (written prompts too), hidden states and top-k choices."""
+def generate_samples(llm, train_prompts: list[str], heldout_prompts: list[str], cfg: TrainDrafterConfig,
+                     lap: Callable[[str], None]) -> tuple[list[Sample], list[Sample]]:
+    """The base model's answers, to the prompts it writes itself too: (train, held-out)."""
     written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
     if cfg.generated_prompts:
         lap("write prompts")
-    train, heldout = generate(llm, train_prompts, heldout_prompts, cfg, written)
+    samples = generate(llm, train_prompts, heldout_prompts, cfg, written)
     lap("generate")
+    return samples
+
+
+def add_hidden_states(model, train: list[Sample], heldout: list[Sample], cfg: TrainDrafterConfig) -> DrafterData:
+    """The samples with the base model's hidden states (and top-k choices on the training ones)."""
     train_h, train_t = hidden_states(model, train, teacher_k=max(1, cfg.soft_targets))
     heldout_h, _ = hidden_states(model, heldout)
-    lap("hidden")
     return DrafterData(train, heldout, train_h, train_t, heldout_h)
 
 

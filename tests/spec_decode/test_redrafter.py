@@ -350,15 +350,30 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     assert len(kept) == 2 and kept[0].endswith(".json") and kept[1].endswith(".pt")
     made = json.loads((out / "train_report.json").read_text())
     # the same data options again: the kept data, nothing generated (other training options)
-    real = train_drafter.generate_data
-    monkeypatch.setattr(train_drafter, "generate_data", lambda *a: pytest.fail("generated again"))
+    real, hidden = train_drafter.generate_samples, train_drafter.add_hidden_states
+    monkeypatch.setattr(train_drafter, "generate_samples", lambda *a: pytest.fail("generated again"))
+    monkeypatch.setattr(train_drafter, "add_hidden_states", lambda *a: pytest.fail("hidden again"))
     again = train("--epochs", "1", "--lr", "1e-3", to=tmp_path / "again")
     assert again["num_train_positions"] == made["report"]["num_train_positions"]
     assert "generate" not in again["seconds"] and again["accepted_length"] > 1.0
-    # other data options: new data, kept beside the first
-    monkeypatch.setattr(train_drafter, "generate_data", real)
-    train("--max-tokens", "12", "--epochs", "1", to=tmp_path / "short")
-    assert len(list(data.glob("*.pt"))) == 2
+    # other data options: new data, kept beside the first; a run stopped in the hidden-state
+    # pass leaves its answers, and the next one resumes from them
+    monkeypatch.setattr(train_drafter, "generate_samples", real)
+
+    def stop(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_drafter, "add_hidden_states", stop)
+    try:  # Ctrl-C: the CLI exits 130
+        assert main(args + ["--max-tokens", "12", "--epochs", "1", "--out", str(tmp_path / "short")]) == 130
+    finally:
+        torch.set_num_threads(threads)
+    assert len(list(data.glob("*.samples.pt"))) == 1 and len(list(data.glob("*.pt"))) == 2
+    monkeypatch.setattr(train_drafter, "generate_samples", lambda *a: pytest.fail("generated again"))
+    monkeypatch.setattr(train_drafter, "add_hidden_states", hidden)
+    short = train("--max-tokens", "12", "--epochs", "1", to=tmp_path / "short")
+    assert short["num_train_positions"] < again["num_train_positions"]
+    assert not list(data.glob("*.samples.pt")) and len(list(data.glob("*.pt"))) == 2
     report = made["report"]
     assert made["train"]["num_samples"] == 1 and made["train"]["soft_targets"] == 4
     # a greedy and a sampled answer of up to 24 tokens per prompt (this model rarely ends early)
