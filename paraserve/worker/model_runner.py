@@ -82,6 +82,7 @@ class ModelRunner:
         self.model = model
         self.enforce_eager = enforce_eager  # no C++ decoder stack: every step runs the modules
         self.stack: Optional[DecodeStack] = None
+        self.kv_cache: Optional[torch.Tensor] = None  # [layers, 2, blocks, block_size, KVH, D]
         self.vocab_size = vocab_size
         self.block_size = block_size
         self.device = device
@@ -98,9 +99,12 @@ class ModelRunner:
         self.ring_chunks = {"chunks": 0, "with_context": 0}
         self.ring_stats = RingStats()  # their ring's bytes and overlap
 
-    def bind_kv_cache(self, caches: list[torch.Tensor]) -> None:
-        for layer, cache in zip(self.model.attention_layers(), caches):
-            layer.kv_cache = cache
+    def bind_kv_cache(self, cache: torch.Tensor) -> None:
+        """cache: [num_layers, 2, num_blocks, block_size, KVH, D]; each attention layer gets its
+        (contiguous) view."""
+        for layer, layer_cache in zip(self.model.attention_layers(), cache.unbind(0)):
+            layer.kv_cache = layer_cache
+        self.kv_cache = cache
         self.stack = None if self.enforce_eager else DecodeStack.build(self.model)
 
     # ---- state -------------------------------------------------------------------------
@@ -349,10 +353,9 @@ class ModelRunner:
             return
         s = torch.tensor(src, dtype=torch.long, device=self.device)
         d = torch.tensor(dst, dtype=torch.long, device=self.device)
-        for layer in self.model.attention_layers():
-            cache = layer.kv_cache  # [2, num_blocks, block_size, KVH, D]
-            flat = cache.view(2, -1, *cache.shape[-2:])  # [2, num_slots, KVH, D]
-            flat[:, d] = flat[:, s]
+        cache = self.kv_cache  # [layers, 2, num_blocks, block_size, KVH, D]: every layer in one op
+        flat = cache.view(*cache.shape[:2], -1, *cache.shape[-2:])  # [layers, 2, num_slots, KVH, D]
+        flat[:, :, d] = flat[:, :, s]
 
     def _tree_logprobs(self, logits: torch.Tensor, states: list[RequestState], rows: list[int],
                        tokens: list[int], result: ModelRunnerOutput) -> None:

@@ -148,8 +148,10 @@ class Worker:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         kv_heads = self.model.layers[0].self_attn.num_kv_heads
         shape = (2, num_blocks, self.config.cache.block_size, kv_heads, head_dim)
-        self.kv_caches = [memory.zeros(shape, self.dtype, self.device) for _ in range(cfg.num_hidden_layers)]
-        self.runner.bind_kv_cache(self.kv_caches)
+        # one tensor, a contiguous view per layer: moving slots (speculative decoding's accepted
+        # K/V) is then one indexing op over every layer
+        self.kv_cache = memory.zeros((cfg.num_hidden_layers, *shape), self.dtype, self.device)
+        self.runner.bind_kv_cache(self.kv_cache)
 
     def execute_model(self, sched_out: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(sched_out)
