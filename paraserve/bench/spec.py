@@ -37,7 +37,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="concurrent requests per run; batch 1 runs --num-prompts requests one at a time "
                         "(default: 1,8,32)")
     g.add_argument("--prompt-sets", type=_names, default=["chat", "code"], metavar="S1,S2",
-                   help="shipped prompt sets: chat, code (default: chat,code)")
+                   help="shipped prompt sets: chat, code, long (questions about 2k- and 4k-token contexts) "
+                        "(default: chat,code)")
     g.add_argument("--output-len", type=int, default=128,
                    help="max_tokens of every request; greedy, EOS may end it sooner (default: 128)")
     g.add_argument("--num-prompts", type=int, default=8,

@@ -25,6 +25,19 @@ def test_shipped_prompt_sets_load():
         ps.load_prompt_set("poems")
 
 
+def test_long_prompts_ask_about_long_shipped_contexts():
+    from paraserve.models.loader import load_tokenizer, resolve_model
+
+    long = ps.load_prompt_set("long")
+    assert len(long) == len(ps.LONG_TASKS) == 8 and len(set(long)) == 8
+    code, questions = long[0].rsplit("\n\n", 1)[0], long[-1].rsplit("\n\n", 1)[0]
+    assert code.startswith("```python\ndef count_words") and code.count("def ") >= 20
+    assert questions.startswith("Questions people asked:\n") and questions.count("\n") > 300
+    tok = load_tokenizer(resolve_model(None))  # the default model's
+    lengths = [len(ids) for ids in ps.render(tok, long)]
+    assert min(lengths) > 2000 and max(lengths) < 5000, lengths
+
+
 def test_chat_prompts_are_held_out_from_the_drafter_training_prompts():
     from paraserve.spec_decode.train_drafter import PROMPTS_FILE
 
