@@ -165,8 +165,9 @@ DEFAULT_MIN_DRAFT_PROB = 0.05
 # Default SpecConfig.tree_context_budget: a draft tree holds at most max(1, budget / context
 # length) nodes. Each node attends over the whole context, so verifying a tree of n nodes costs
 # ~n x context of attention on top of a plain step's (SmolLM2 bf16 here: ~0.3 ms per node at
-# 150 tokens of context, ~1 ms at 1k, ~1.8 ms at 2k, ~4 ms at 4k). Measured on a 4k-token
-# context, the uncapped tree decoded at 0.81x of plain; see the README for the sweep.
+# 150 tokens of context, ~1 ms at 1k, ~1.8 ms at 2k, ~4 ms at 4k). `paraserve bench spec
+# --prompt-sets long` (2k- and 4k-token contexts, batch 1, benchmarks/results/spec-long*.txt):
+# ReDrafter 1.00x of plain unbounded, 1.14x with 4096, 1.19x with 8192, 1.06x with 16384.
 DEFAULT_TREE_CONTEXT_BUDGET = 8192
 _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob", "lookup_beam"),
               "ngram": ()}
