@@ -204,9 +204,10 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
     All beams start identical, so the first step expands one row per request (its top-width
     tokens); later steps expand every beam and keep the top-width of width * Vd candidates.
     Beams are therefore distinct sequences, and so are the beams of all steps (`visited`: a
-    beam after step t is a beam after step t - 1 plus one token, so they form a prefix tree). The search stops early, with shorter beams, once
-    every beam's log-prob (the sum over its tokens) is below min_logprob: longer drafts would be
-    cut by the caller anyway (ReDrafterProposer drops tokens below its min_draft_prob)."""
+    beam after step t is a beam after step t - 1 plus one token, so they form a prefix tree).
+    The search stops early, with shorter beams, once every beam's log-prob (the sum over its
+    tokens) is below min_logprob: longer drafts would be cut by the caller anyway
+    (ReDrafterProposer drops tokens below its min_draft_prob)."""
     if not 1 <= width <= drafter.config.vocab_rows or length < 1:
         raise ValueError(f"need 1 <= width <= {drafter.config.vocab_rows} and length >= 1, "
                          f"got width={width}, length={length}")
