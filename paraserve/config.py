@@ -287,7 +287,8 @@ class _SpecArg:
     speculative_config: Optional[str] = _f(
         None, "speculative decoding, a JSON object: {\"method\": \"ngram\" | \"redrafter\", "
               "\"num_speculative_tokens\", \"beam_width\", \"beam_length\", \"drafter_path\", "
-              "\"min_draft_prob\", \"lookup_beam\", \"prompt_lookup_min\", \"prompt_lookup_max\", \"disable_by_batch_size\", \"tree_context_budget\"} (default: off)")
+              "\"min_draft_prob\", \"lookup_beam\", \"prompt_lookup_min\", \"prompt_lookup_max\", "
+              "\"disable_by_batch_size\", \"tree_context_budget\"} (default: off)")
 
 
 @dataclass(frozen=True)

@@ -291,7 +291,8 @@ def test_lookup_beam_joins_the_drafter_beams(tmp_path):
     assert got[0] == base[0] + [[7, 8, 5]] and got[1] == base[1] and got[2] == base[2] + [[9]]
     # a lookup draft equal to a drafter beam is not verified twice
     same = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
-                             lookup=SimpleNamespace(propose=lambda t, h=None, max_nodes=None: [Draft(beams=[b[0]]) for b in base]))
+                             lookup=SimpleNamespace(propose=lambda t, h=None, max_nodes=None:
+                                                    [Draft(beams=[b[0]]) for b in base]))
     assert [d.beams for d in same.propose(ids, h)] == base
 
 
