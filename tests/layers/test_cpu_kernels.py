@@ -180,3 +180,21 @@ def test_sample_rows_is_the_inverse_cdf_and_never_picks_a_zero():
     cdf = p.double().cumsum(-1)
     ref = torch.searchsorted(cdf, (u.double() * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     assert (cpu.kernels().sample_rows(p, u) - ref).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_logsumexp_rows_matches_torch(dtype):
+    """train-drafter's teacher: log(sum(exp)) of each row of the LM head's logits, in float32,
+    for rows with a tail past the vector width, large logits, and rows of -inf."""
+    torch.manual_seed(0)
+    x = (torch.randn(5, 49157) * 6).to(dtype)
+    x[1, :100] = 80.0  # far above the rest: the shift keeps exp finite
+    x[2] = float("-inf")
+    x[3, 7] = 3.0
+    x[3, torch.arange(49157) != 7] = float("-inf")
+    got = cpu.kernels().logsumexp_rows(x)
+    assert got.dtype == torch.float32 and got.shape == (5,)
+    torch.testing.assert_close(got, torch.logsumexp(x.float(), -1), rtol=1e-6, atol=1e-5)
+    assert got[2] == float("-inf") and got[3] == 3.0
+    with pytest.raises(RuntimeError, match="rows contiguous"):
+        cpu.kernels().logsumexp_rows(x.t())

@@ -21,6 +21,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_and_mul", &silu_and_mul, "gate_up [T, 2I] -> silu(gate) * up", nogil);
   m.def("sample_rows", &sample_rows, "(probs [B, V], u [B]) -> inverse-CDF draw per row", nogil);
   m.def("argmax_rows", &argmax_rows, "first argmax of each row", nogil);
+  m.def("logsumexp_rows", &logsumexp_rows, "log(sum(exp(row))) of each row, float32", nogil);
   py::class_<DecoderStack>(m, "DecoderStack")
       .def(py::init<int64_t, int64_t, int64_t, double, double, at::Tensor, at::Tensor, at::Tensor>(),
            py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("eps"), py::arg("scale"),

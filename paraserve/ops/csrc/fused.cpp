@@ -10,7 +10,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace paraserve {
 namespace {
@@ -173,6 +175,34 @@ void sample_rows_impl(const float* p, int64_t stride, int64_t rows, int64_t cols
   });
 }
 
+// log(sum(exp(row))) per row, in two passes over the row (its max, then the shifted sum):
+// torch's logsumexp on a bf16 row first writes a float32 copy, then makes more passes.
+template <typename T>
+void logsumexp_rows_impl(const T* x, int64_t stride, int64_t rows, int64_t cols, float* out) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* row = x + r * stride;
+      vec mv = splat(-std::numeric_limits<float>::infinity());
+      int64_t i = 0;
+      for (; i + kLanes <= cols; i += kLanes) {
+        const vec v = load(row + i);
+        mv = v > mv ? v : mv;
+      }
+      float m = hmax(mv);
+      for (; i < cols; ++i) m = std::max(m, f32(row[i]));
+      if (!std::isfinite(m)) {  // all -inf (or a +inf / NaN): torch's answer for those
+        out[r] = m;
+        continue;
+      }
+      vec sv = {};
+      for (i = 0; i + kLanes <= cols; i += kLanes) sv += exp_nonpos(load(row + i) - m);
+      float sum = hsum(sv);
+      for (; i < cols; ++i) sum += std::exp(f32(row[i]) - m);
+      out[r] = m + std::log(sum);
+    }
+  });
+}
+
 template <typename F>
 void by_dtype(const at::Tensor& t, const char* what, F&& f) {
   if (t.scalar_type() == at::kFloat) {
@@ -271,6 +301,17 @@ at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u) {
   at::Tensor out = at::empty({probs.size(0)}, probs.options().dtype(at::kLong));
   sample_rows_impl(probs.data_ptr<float>(), probs.stride(0), probs.size(0), probs.size(1), uc.data_ptr<float>(),
                    out.data_ptr<int64_t>());
+  return out;
+}
+
+at::Tensor logsumexp_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) > 0 && x.stride(1) == 1 && x.device().is_cpu(),
+              "logsumexp_rows expects x [B, V] on CPU, rows contiguous");
+  at::Tensor out = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  by_dtype(x, "logsumexp_rows", [&](auto tag) {
+    using T = decltype(tag);
+    logsumexp_rows_impl<T>(x.data_ptr<T>(), x.stride(0), x.size(0), x.size(1), out.data_ptr<float>());
+  });
   return out;
 }
 

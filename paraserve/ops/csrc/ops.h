@@ -47,6 +47,7 @@ at::Tensor silu_and_mul(const at::Tensor& gate_up);
 
 // Row-wise argmax of x [B, V] (first index of the maximum) -> [B] int64, rows in parallel.
 at::Tensor argmax_rows(const at::Tensor& x);
+at::Tensor logsumexp_rows(const at::Tensor& x);  // float32 [B]
 
 // One draw per row of probs [B, V] (unnormalised, >= 0) from uniforms u [B] in [0, 1):
 // the first index whose running sum exceeds u * row sum (inverse CDF) -> [B] int64.
