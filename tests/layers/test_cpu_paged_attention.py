@@ -23,6 +23,17 @@ def kernel():
     return module
 
 
+@pytest.fixture(params=["vector", "amx"])
+def path(request, kernel):
+    """The kernel's bf16 path: AMX tiles where the CPU has them (and then by default), else the
+    vector path. Float32 always takes the vector path."""
+    if request.param == "amx" and not cpu.amx_available():
+        pytest.skip("this CPU has no AMX tiles")
+    before = kernel.set_amx_attention(request.param == "amx")
+    yield request.param
+    kernel.set_amx_attention(before)
+
+
 def scattered_cache(seq_lens, kvh, d, dtype, fill=float("nan"), spare_blocks=3, bs=BS):
     """A cache [2, NB, bs, KVH, D] filled with `fill`, holding each sequence's random K/V in
     randomly scattered blocks; returns it, the zero-padded block tables and the per-sequence K/V."""
@@ -63,7 +74,7 @@ def naive_decode(q, k, v, scale):
     (torch.bfloat16, [18, 3], 2, 2, 64),  # one head per KV head
     (torch.bfloat16, [40], 16, 2, 64),  # 8 heads per KV head: the widening path
 ])
-def test_kernel_matches_naive_attention(kernel, dtype, seq_lens, h, kvh, d):
+def test_kernel_matches_naive_attention(kernel, path, dtype, seq_lens, h, kvh, d):
     torch.manual_seed(0)
     cache, tables, kv = scattered_cache(seq_lens, kvh, d, dtype)
     q = torch.randn(len(seq_lens), h, d).to(dtype)
@@ -125,7 +136,7 @@ def forward_both(dtype, h, kvh, d):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bs", [4, 5, 32])
-def test_kernel_with_blocks_that_do_not_match_its_tiles(kernel, dtype, bs):
+def test_kernel_with_blocks_that_do_not_match_its_tiles(kernel, path, dtype, bs):
     """The kernel walks the block table a tile (16 tokens) at a time: blocks smaller, of odd
     size or larger than a tile start and end inside tiles."""
     torch.manual_seed(1)
@@ -178,7 +189,7 @@ def test_a_failed_build_falls_back_with_one_warning(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_an_accepted_tree_path_attends_exactly_as_decoding(kernel, dtype):
+def test_an_accepted_tree_path_attends_exactly_as_decoding(kernel, path, dtype):
     """Node j of a chain verified as a tree sees the same keys in the same order as a decode at
     that position: the outputs are bit-identical, which keeps greedy output unchanged by
     speculation in bfloat16 too. The chain's nodes sit in scattered (non-consecutive) slots."""
@@ -199,3 +210,75 @@ def test_an_accepted_tree_path_attends_exactly_as_decoding(kernel, dtype):
         ref = cpu_paged.paged_decode_attention(q[j:j + 1], decoded[0], decoded[1], tables, torch.tensor([ctx + j + 1]),
                                                0.125)
         torch.testing.assert_close(out[j:j + 1], ref, atol=0, rtol=0)
+
+
+def tree_queries(parents, ctx, table, bs=BS):
+    """A tree after ctx tokens (parents[j] < j, -1 for the root's children) in the slots right
+    after the context -> its nodes' extra slots (ancestors and self, depth order), their count,
+    and each node's path of node indices."""
+    paths = []
+    for j, parent in enumerate(parents):
+        paths.append((paths[parent] if parent >= 0 else []) + [j])
+    slots = [int(table[(ctx + j) // bs]) * bs + (ctx + j) % bs for j in range(len(parents))]
+    width = max(len(p) for p in paths)
+    extra = torch.tensor([[slots[a] for a in p] + [0] * (width - len(p)) for p in paths])
+    return extra, torch.tensor([len(p) for p in paths]), paths, slots
+
+
+@pytest.mark.parametrize("ctx", [3, 31, 32, 33, 63, 100, 250])
+def test_every_tree_node_attends_exactly_as_decoding(kernel, path, ctx):
+    """A branching 14-node tree, batched with a decode query and a second tree (the AMX path
+    shares context chunks within a tree, not across requests): every node, not only a chain,
+    gets bit-identically what a decode of its path's last token computes with the path copied
+    into place. Context lengths around the 32-key chunks."""
+    torch.manual_seed(ctx)
+    kvh, h, d, dtype = 3, 9, 64, torch.bfloat16
+    parents = [-1, -1, 0, 0, 1, 2, 2, 3, 5, 5, 6, 8, 9, 11]  # depths up to 6
+    other = [-1, 0, 0]
+    n = len(parents)
+    cache, tables, _ = scattered_cache([ctx + n, ctx + 40, 2 * ctx + 5], kvh, d, dtype, fill=0.0)
+    cache.view(2, -1, kvh, d).normal_()
+    extra, extra_lens, paths, slots = tree_queries(parents, ctx, tables[0])
+    extra2, extra_lens2, _, _ = tree_queries(other, 2 * ctx + 2, tables[2])
+    width = max(extra.shape[1], extra2.shape[1])
+    q = torch.randn(n + 1 + len(other), h, d).to(dtype)
+    out = cpu_paged.paged_decode_attention(
+        q, cache[0], cache[1], torch.cat([tables[:1].expand(n, -1), tables[1:2], tables[2:].expand(len(other), -1)]),
+        torch.tensor([ctx] * n + [ctx + 40] + [2 * ctx + 2] * len(other)), 0.125,
+        torch.cat([nn_pad(extra, width), torch.zeros(1, width, dtype=torch.long), nn_pad(extra2, width)]),
+        torch.cat([extra_lens, torch.zeros(1, dtype=torch.long), extra_lens2]))
+    flat = tables[0, torch.arange(ctx + n) // BS] * BS + torch.arange(ctx + n) % BS
+    for j, nodes in enumerate(paths):
+        decoded = cache.clone()
+        where = flat[ctx:ctx + len(nodes)]
+        decoded.view(2, -1, kvh, d)[:, where] = cache.view(2, -1, kvh, d)[:, [slots[a] for a in nodes]]
+        ref = cpu_paged.paged_decode_attention(q[j:j + 1], decoded[0], decoded[1], tables[:1],
+                                               torch.tensor([ctx + len(nodes)]), 0.125)
+        torch.testing.assert_close(out[j:j + 1], ref, atol=0, rtol=0, msg=lambda m: f"node {j}: {m}")
+    alone = cpu_paged.paged_decode_attention(q[n:n + 1], cache[0], cache[1], tables[1:2], torch.tensor([ctx + 40]),
+                                             0.125)
+    torch.testing.assert_close(out[n:n + 1], alone, atol=0, rtol=0)
+
+
+def nn_pad(x, width):
+    return torch.nn.functional.pad(x, (0, width - x.shape[1]))
+
+
+def test_the_amx_path_is_close_to_the_vector_path(kernel):
+    """The two bf16 paths round differently (which is why a process keeps to one), but both
+    compute the same attention: close on a mixed batch of decodes and a tree."""
+    if not cpu.amx_available():
+        pytest.skip("this CPU has no AMX tiles")
+    torch.manual_seed(0)
+    seq_lens = [1, 17, 31, 32, 33, 100, 300, 300, 300]
+    cache, tables, _ = scattered_cache(seq_lens, 3, 64, torch.bfloat16)
+    tables[7:] = tables[6]  # three queries over one context: a group the AMX path shares
+    q = torch.randn(len(seq_lens), 9, 64).to(torch.bfloat16)
+    outs = []
+    for on in (True, False):
+        before = kernel.set_amx_attention(on)
+        try:
+            outs.append(cpu_paged.paged_decode_attention(q, cache[0], cache[1], tables, torch.tensor(seq_lens), 0.125))
+        finally:
+            kernel.set_amx_attention(before)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=2e-2, rtol=2e-2)

@@ -11,6 +11,7 @@
 // w is packed once (amx_pack_weight): panels of 32 output columns, each panel a contiguous run
 // over K of two 16 x 32 tiles in the VNNI pair layout [k / 2][n][k % 2], so every thread streams
 // one contiguous range and the hardware prefetcher plus a software prefetch keep DRAM busy.
+#include "amx.h"
 #include "ops.h"
 
 #include <ATen/Parallel.h>
@@ -18,9 +19,7 @@
 #include <algorithm>
 #include <cstring>
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define PARASERVE_AMX 1
-#include <immintrin.h>
+#if defined(PARASERVE_AMX)
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -36,13 +35,7 @@ namespace {
 constexpr int64_t kTileElems = 16 * kKBlock;  // one B tile: 16 pair-rows x 16 columns x 2
 constexpr int64_t kPrefetchSteps = 4;  // K blocks ahead (8 KB) the prefetch runs
 
-struct alignas(64) TileConfig {
-  uint8_t palette = 1;
-  uint8_t start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
+using amx::TileConfig;
 
 // Tiles: 0, 1 = x rows [m0, m0 + 16) and [m0 + 16, m0 + 32); 2, 3 = the panel's two column
 // tiles; 4 + 2 * a + b = the output block of x tile a and column tile b.

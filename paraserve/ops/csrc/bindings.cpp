@@ -11,6 +11,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "extra_lens=None) -> out",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("seq_lens"),
         py::arg("scale"), py::arg("extra_slots") = py::none(), py::arg("extra_lens") = py::none(), nogil);
+  m.def("set_amx_attention", &set_amx_attention,
+        "(on) -> the previous setting: bf16 paged attention on AMX tiles where the CPU has them");
   m.def("small_m_linear", &small_m_linear, "x @ w.T (+ bias) for a few rows of x", nogil);
   m.def("amx_available", &amx_available, "AMX tiles built in and granted by the OS");
   m.def("amx_pack_weight", &amx_pack_weight, "bf16 w [N, K] -> the tile layout amx_linear reads");

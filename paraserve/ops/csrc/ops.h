@@ -19,6 +19,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale,
                                   const std::optional<at::Tensor>& extra_slots,
                                   const std::optional<at::Tensor>& extra_lens);
+// bf16 queries take AMX tiles where the CPU has them (paged_attention_amx.cpp), else the vector
+// path; the two round differently. set_amx_attention(false) forces the vector path (tests);
+// returns the previous setting.
+bool set_amx_attention(bool on);
 
 // x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N] for a few rows M: streams w once from memory.
 at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias);
