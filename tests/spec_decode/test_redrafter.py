@@ -484,3 +484,69 @@ def test_speculative_config_wires_the_lookup_beam(tmp_path):
     off = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), lookup_beam=False),
                          fake_base(), "base")
     assert off.lookup is None
+
+
+def float_beam_search(drafter, h, last, embed, W, L, min_logprob):
+    """Reference for the compiled search: every candidate enumerated, log_softmax in float32,
+    ties to the earlier (beam, row); the search stops once every request's beams are below
+    min_logprob -> visited tokens and log-probs as in Beams (-1 padded)."""
+    B = h.shape[0]
+    beams = [[([], torch.zeros(()), torch.zeros(1, h.shape[1], dtype=h.dtype), int(last[b]))] for b in range(B)]
+    steps = []
+    for t in range(L):
+        if t and max(float(c[1]) for req in beams for c in req) < min_logprob:
+            break
+        for b in range(B):
+            cands = []
+            for toks, score, s, prev in beams[b]:  # step 1: a single beam, so only it expands
+                s_new = drafter.step(s, embed(torch.tensor([prev])))
+                logp = torch.log_softmax(drafter.logits(h[b:b + 1], s_new).float(), -1)[0]
+                for r in range(logp.shape[0]):
+                    tok = int(drafter.token_ids[r])
+                    cands.append((toks + [tok], score + logp[r], s_new, tok))
+            cands.sort(key=lambda c: -float(c[1]))  # stable: ties keep enumeration order
+            beams[b] = cands[:W]
+        steps.append([list(req) for req in beams])
+    n = len(steps)
+    visited = [[c[0] + [-1] * (n - len(c[0])) for step in steps for c in step[b]] for b in range(B)]
+    visited_lp = [[float(c[1]) for step in steps for c in step[b]] for b in range(B)]
+    return torch.tensor(visited), torch.tensor(visited_lp)
+
+
+@pytest.mark.parametrize("hidden, draft_vocab, project, min_logprob", [
+    (64, None, True, float("-inf")),  # AMX-packed layers where the CPU has AMX
+    (64, 96, False, -1.0),  # a restricted vocabulary; the search stops early
+    (40, 50, True, float("-inf")),  # the small-M kernel
+])
+def test_compiled_beam_search_matches_a_reference(hidden, draft_vocab, project, min_logprob):
+    """The engine's bf16 drafter searches in one compiled call (draft_head.cpp): the same visited
+    beams and log-probs (to float rounding) as enumerating every candidate in torch."""
+    from paraserve.ops import cpu
+    from paraserve.spec_decode.redrafter import Beams, compiled_head
+
+    if cpu.kernels() is None:
+        pytest.skip("no CPU kernels here")
+    torch.manual_seed(0)
+    vocab = 128
+    config = ReDrafterConfig("base", vocab, hidden, project=project, draft_vocab_size=draft_vocab)
+    token_ids = None if draft_vocab is None else torch.randperm(vocab)[:draft_vocab].sort().values
+    drafter = ReDrafter(config, token_ids)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0, 0.15)
+    drafter = drafter.to(torch.bfloat16).eval().requires_grad_(False).pack()
+    embed = nn.Embedding(vocab, hidden).to(torch.bfloat16).requires_grad_(False)
+    head = compiled_head(drafter, embed)
+    assert head is not None
+    float32 = ReDrafter(config, token_ids)
+    assert compiled_head(float32, nn.Embedding(vocab, hidden)) is None  # float32: the torch search
+    h, last = torch.randn(5, hidden).bfloat16(), torch.randint(0, vocab, (5,))
+    got = Beams(*head.beam_search(h, last, 4, 4, min_logprob))
+    with torch.no_grad():
+        visited, visited_lp = float_beam_search(drafter, h, last, embed, 4, 4, min_logprob)
+    assert torch.equal(got.visited, visited)
+    torch.testing.assert_close(got.visited_logprobs, visited_lp, rtol=1e-4, atol=1e-4)
+    n = visited.shape[-1]
+    assert torch.equal(got.token_ids, visited[:, -4:])  # the final beams
+    torch.testing.assert_close(got.logprobs.sum(-1), visited_lp[:, -4:], rtol=1e-4, atol=1e-4)
+    assert (n < 4) == (min_logprob > float("-inf"))  # the early stop was exercised

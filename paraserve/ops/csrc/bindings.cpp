@@ -35,5 +35,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("block_tables"), py::arg("ctx_lens"), py::arg("extra_slots") = py::none(),
            py::arg("extra_lens") = py::none(), nogil)
       .def_property_readonly("num_layers", &DecoderStack::num_layers);
+  py::class_<DraftHead>(m, "DraftHead")
+      .def(py::init<at::Tensor, at::Tensor, const DraftHead::LinearArgs&, const DraftHead::LinearArgs&,
+                    const std::optional<DraftHead::LinearArgs>&, const std::vector<DraftHead::LinearArgs>&,
+                    const DraftHead::LinearArgs&>(),
+           py::arg("embed"), py::arg("token_ids"), py::arg("rnn_w"), py::arg("rnn_u"), py::arg("proj"),
+           py::arg("blocks"), py::arg("lm_head"))
+      .def("beam_search", &DraftHead::beam_search, py::arg("h"), py::arg("last_tokens"), py::arg("width"),
+           py::arg("length"), py::arg("min_logprob"), nogil);
   m.attr("HEAD_DIM_MULTIPLE") = kLanes;
 }

@@ -93,18 +93,6 @@ void rope_cache_rows(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const in
   });
 }
 
-// silu(g) = g / (1 + e^-g), written with e^-|g| so the exponential never overflows.
-inline vec silu(vec g) {
-  const vec neg = g < 0.0f ? g : -g;
-  const vec e = exp_nonpos(neg);
-  return g < 0.0f ? g * e / (1.0f + e) : g / (1.0f + e);
-}
-
-inline float silu(float x) {
-  const float e = std::exp(x < 0.0f ? x : -x);
-  return x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
-}
-
 template <typename T>
 void silu_mul_rows(const T* gu, int64_t stride, T* out, int64_t rows, int64_t inter) {
   const T* tag = nullptr;

@@ -76,13 +76,15 @@ class DecoderStack {
                      const std::optional<at::Tensor>& extra_slots, const std::optional<at::Tensor>& extra_lens) const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
- private:
+  // A linear layer on the CPU kernels: amx_linear with a packed weight, else small_m_linear.
   struct Linear {
     at::Tensor weight;
     std::optional<at::Tensor> packed, bias;
     at::Tensor operator()(const at::Tensor& x) const;
     Linear without_bias() const { return Linear{weight, packed, std::nullopt}; }
   };
+
+ private:
   struct Layer {
     at::Tensor input_norm;
     Linear qkv, o;
@@ -95,6 +97,27 @@ class DecoderStack {
   double eps_, scale_;
   at::Tensor cos_, sin_, final_norm_;
   std::vector<Layer> layers_;
+};
+
+// A bf16 ReDrafter head (spec_decode/redrafter.py) on the base model's embedding table, and its
+// beam search in one call (draft_head.cpp). Linear layers as DecoderStack takes them.
+class DraftHead {
+ public:
+  using LinearArgs = DecoderStack::LinearArgs;
+  DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
+            const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks, const LinearArgs& lm_head);
+  // h [B, H], last_tokens [B] -> [final beams' base token ids [B, W, n], their per-token log-probs
+  // [B, W, n], visited [B, n * W, n] (-1 padded), visited log-probs [B, n * W]]: redrafter.Beams.
+  std::vector<at::Tensor> beam_search(const at::Tensor& h, const at::Tensor& last_tokens, int64_t width,
+                                      int64_t length, double min_logprob) const;
+
+ private:
+  static DecoderStack::Linear linear(const LinearArgs& a);
+  at::Tensor logits(const at::Tensor& h, const at::Tensor& s) const;
+  at::Tensor embed_, token_ids_;
+  DecoderStack::Linear rnn_w_, rnn_u_, lm_head_;
+  std::optional<DecoderStack::Linear> proj_;
+  std::vector<DecoderStack::Linear> blocks_;
 };
 
 }  // namespace paraserve

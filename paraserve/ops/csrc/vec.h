@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -83,6 +84,18 @@ inline vec exp_nonpos(vec x) {
   p = p * r * r + r + 1.0f;
   const vec two_n = reinterpret_cast<vec>((__builtin_convertvector(n, vec_i32) + 127) << 23);
   return x < -87.0f ? vec{} : p * two_n;
+}
+
+// silu(g) = g / (1 + e^-g), written with e^-|g| so the exponential never overflows.
+inline vec silu(vec g) {
+  const vec neg = g < 0.0f ? g : -g;
+  const vec e = exp_nonpos(neg);
+  return g < 0.0f ? g * e / (1.0f + e) : g / (1.0f + e);
+}
+
+inline float silu(float x) {
+  const float e = std::exp(x < 0.0f ? x : -x);
+  return x < 0.0f ? x * e / (1.0f + e) : x / (1.0f + e);
 }
 
 template <int64_t kShift, size_t... J>

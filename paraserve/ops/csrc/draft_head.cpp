@@ -1,0 +1,225 @@
+// ReDrafter's beam search (paraserve/spec_decode/redrafter.py, beam_search) in one call, for
+// bf16 drafters on CPU. The Python search runs ~40 torch ops a step for 4-16 rows; at batch 1
+// their dispatch, a topk over W x Vd candidates and a float32 log_softmax cost about as much as
+// the drafter's own layers (2.4 ms a search, 1.1 of it outside the linear kernels). Here the
+// layers run on the same linear kernels, each row's log-sum-exp and its W best tokens come
+// from one pass over its logits, and the bookkeeping is on small arrays.
+//
+// Same search as the Python one: the W best of a beam's candidates are all a global top-W can
+// take from it, so the top W of the W x W per-beam bests is the top W of all W x Vd. Scores may
+// differ from torch's log_softmax in the last bits (another exp), so near-ties can pick other
+// beams; verification does not depend on which drafts it gets.
+#pragma GCC optimize("fp-contract=off")
+
+#include "ops.h"
+#include "vec.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace paraserve {
+namespace {
+
+using bf16 = at::BFloat16;
+
+// x + y, then silu, each rounded to bf16 as torch does in bf16 (y may be null: x alone).
+at::Tensor silu_of_sum(const at::Tensor& x, const at::Tensor* y) {
+  at::Tensor out = at::empty_like(x);
+  const bf16* a = x.data_ptr<bf16>();
+  const bf16* b = y ? y->data_ptr<bf16>() : nullptr;
+  bf16* o = out.data_ptr<bf16>();
+  const bf16* tag = nullptr;
+  const int64_t n = x.numel();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    const vec v = b ? round_as(tag, load(a + i) + load(b + i)) : load(a + i);
+    store(o + i, silu(v));
+  }
+  for (; i < n; ++i) {
+    const float v = b ? static_cast<float>(static_cast<bf16>(static_cast<float>(a[i]) + static_cast<float>(b[i])))
+                      : static_cast<float>(a[i]);
+    o[i] = static_cast<bf16>(silu(v));
+  }
+  return out;
+}
+
+// x + silu(y) with bf16 rounding after each step (a residual block).
+at::Tensor add_silu(const at::Tensor& x, const at::Tensor& y) {
+  at::Tensor out = at::empty_like(x);
+  const bf16* a = x.data_ptr<bf16>();
+  const bf16* b = y.data_ptr<bf16>();
+  bf16* o = out.data_ptr<bf16>();
+  const bf16* tag = nullptr;
+  const int64_t n = x.numel();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) store(o + i, load(a + i) + round_as(tag, silu(load(b + i))));
+  for (; i < n; ++i) {
+    o[i] = static_cast<bf16>(static_cast<float>(a[i]) +
+                             static_cast<float>(static_cast<bf16>(silu(static_cast<float>(b[i])))));
+  }
+  return out;
+}
+
+struct Cand {
+  float score;
+  int64_t index;
+};
+
+// Row r of logits [N, V]: its log-sum-exp, and its k largest entries (value, index), best first
+// (ties: the lower index first).
+float lse_and_top(const bf16* row, int64_t V, int64_t k, Cand* top) {
+  vec mv = splat(-std::numeric_limits<float>::infinity());
+  int64_t n = 0;  // entries in top
+  float floor = -std::numeric_limits<float>::infinity();  // the k-th best so far, once n == k
+  auto offer = [&](float v, int64_t i) {
+    if (n == k && !(v > floor)) return;
+    int64_t j = n < k ? n++ : k - 1;
+    for (; j > 0 && top[j - 1].score < v; --j) top[j] = top[j - 1];
+    top[j] = {v, i};
+    if (n == k) floor = top[k - 1].score;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= V; i += kLanes) {
+    const vec v = load(row + i);
+    mv = v > mv ? v : mv;
+    if (n < k || hmax(v) > floor) {
+      for (int64_t j = 0; j < kLanes; ++j) offer(v[j], i + j);
+    }
+  }
+  for (; i < V; ++i) offer(static_cast<float>(row[i]), i);
+  float m = hmax(mv);
+  for (int64_t j = V / kLanes * kLanes; j < V; ++j) m = std::max(m, static_cast<float>(row[j]));
+  vec sv = {};
+  for (i = 0; i + kLanes <= V; i += kLanes) sv += exp_nonpos(load(row + i) - m);
+  float sum = hsum(sv);
+  for (; i < V; ++i) sum += std::exp(static_cast<float>(row[i]) - m);
+  return m + std::log(sum);
+}
+
+}  // namespace
+
+DraftHead::DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
+                     const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks,
+                     const LinearArgs& lm_head)
+    : embed_(std::move(embed)), token_ids_(token_ids.contiguous()), rnn_w_(linear(rnn_w)), rnn_u_(linear(rnn_u)),
+      lm_head_(linear(lm_head)) {
+  TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == at::kBFloat16 && embed_.is_contiguous(),
+              "DraftHead: embed must be a contiguous bf16 [V, H]");
+  TORCH_CHECK(token_ids_.dim() == 1 && token_ids_.scalar_type() == at::kLong, "DraftHead: token_ids must be int64 [Vd]");
+  if (proj) proj_ = linear(*proj);
+  for (const LinearArgs& b : blocks) blocks_.push_back(linear(b));
+}
+
+DecoderStack::Linear DraftHead::linear(const LinearArgs& a) {
+  TORCH_CHECK(std::get<0>(a).scalar_type() == at::kBFloat16, "DraftHead: weights must be bf16");
+  return DecoderStack::Linear{std::get<0>(a), std::get<1>(a), std::get<2>(a)};
+}
+
+at::Tensor DraftHead::logits(const at::Tensor& h, const at::Tensor& s) const {
+  at::Tensor x = at::cat({h, s}, 1);
+  if (proj_) x = (*proj_)(x);
+  for (const DecoderStack::Linear& block : blocks_) x = add_silu(x, block(x));
+  return lm_head_(x);
+}
+
+std::vector<at::Tensor> DraftHead::beam_search(const at::Tensor& h_in, const at::Tensor& last_in, int64_t width,
+                                               int64_t length, double min_logprob) const {
+  const int64_t Vd = token_ids_.size(0), H = embed_.size(1);
+  TORCH_CHECK(h_in.dim() == 2 && h_in.size(1) == H && last_in.dim() == 1 && last_in.size(0) == h_in.size(0),
+              "DraftHead.beam_search: expected h [B, H] and last_tokens [B]");
+  TORCH_CHECK(width >= 1 && width <= Vd && length >= 1, "DraftHead.beam_search: need 1 <= width <= ", Vd,
+              " and length >= 1");
+  const at::Tensor h = h_in.to(at::kBFloat16).contiguous(), last = last_in.to(at::kLong).contiguous();
+  const int64_t B = h.size(0), W = width, L = length;
+  const int64_t* ids = token_ids_.data_ptr<int64_t>();
+  // per request b and beam w: rows (drafter vocabulary) and per-token log-probs so far, and the
+  // log-prob of the whole beam; visited[t] = the beams after step t
+  std::vector<int64_t> rows(B * W * L), new_rows(B * W * L);
+  std::vector<float> lps(B * W * L), new_lps(B * W * L), score(B * W);
+  std::vector<std::vector<int64_t>> visited_rows;
+  std::vector<std::vector<float>> visited_scores;
+  std::vector<Cand> top(B * W * W);
+  std::vector<float> lse(B * W);
+
+  // step 0: one row per request (all beams start identical)
+  at::Tensor s = silu_of_sum(rnn_w_(embed_.index_select(0, last)), nullptr);  // [B, H]
+  at::Tensor lg = logits(h, s);  // [B, Vd]
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) lse[b] = lse_and_top(lg.data_ptr<bf16>() + b * Vd, Vd, W, &top[b * W * W]);
+  });
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t w = 0; w < W; ++w) {
+      const Cand& c = top[b * W * W + w];
+      rows[(b * W + w) * L] = c.index;
+      score[b * W + w] = lps[(b * W + w) * L] = c.score - lse[b];
+    }
+  }
+  visited_rows.emplace_back(B * W);
+  visited_scores.push_back(score);
+  for (int64_t i = 0; i < B * W; ++i) visited_rows[0][i] = rows[i * L];
+  s = s.repeat_interleave(W, 0);
+  const at::Tensor h_w = h.repeat_interleave(W, 0);
+  int64_t t = 1;
+  for (; t < L; ++t) {
+    if (*std::max_element(score.begin(), score.end()) < min_logprob) break;
+    std::vector<int64_t> prev(B * W);
+    for (int64_t i = 0; i < B * W; ++i) prev[i] = ids[rows[i * L + t - 1]];
+    const at::Tensor emb = embed_.index_select(0, at::tensor(prev, at::kLong));
+    const at::Tensor recurrent = rnn_u_(s);
+    s = silu_of_sum(rnn_w_(emb), &recurrent);
+    lg = logits(h_w, s);  // [B * W, Vd]
+    at::parallel_for(0, B * W, 1, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) lse[r] = lse_and_top(lg.data_ptr<bf16>() + r * Vd, Vd, W, &top[r * W]);
+    });
+    std::vector<int64_t> parent(B * W);
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<Cand> cand;  // score: the beam's + the token's log-prob; index: w * Vd + row
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t j = 0; j < W; ++j) {
+          const Cand& c = top[(b * W + w) * W + j];
+          cand.push_back({score[b * W + w] + (c.score - lse[b * W + w]), w * Vd + c.index});
+        }
+      }
+      std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.score > y.score; });
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t from = b * W + cand[w].index / Vd, to = b * W + w;
+        parent[to] = from;
+        std::copy_n(&rows[from * L], t, &new_rows[to * L]);
+        std::copy_n(&lps[from * L], t, &new_lps[to * L]);
+        new_rows[to * L + t] = cand[w].index % Vd;
+        new_lps[to * L + t] = cand[w].score - score[from];
+      }
+      for (int64_t w = 0; w < W; ++w) score[b * W + w] = cand[w].score;
+    }
+    std::swap(rows, new_rows);
+    std::swap(lps, new_lps);
+    visited_rows.emplace_back(B * W * (t + 1));
+    for (int64_t i = 0; i < B * W; ++i) std::copy_n(&rows[i * L], t + 1, &visited_rows[t][i * (t + 1)]);
+    visited_scores.push_back(score);
+    s = s.index_select(0, at::tensor(parent, at::kLong));
+  }
+  // visited [B, n * W, n] base token ids (-1 past a beam's length) and their log-probs
+  const int64_t n = t;
+  at::Tensor visited = at::full({B, n * W, n}, -1, at::kLong);
+  at::Tensor visited_lp = at::empty({B, n * W}, at::kFloat);
+  int64_t* vp = visited.data_ptr<int64_t>();
+  float* vl = visited_lp.data_ptr<float>();
+  for (int64_t step = 0; step < n; ++step) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t entry = b * n * W + step * W + w;
+        for (int64_t k = 0; k <= step; ++k) vp[entry * n + k] = ids[visited_rows[step][(b * W + w) * (step + 1) + k]];
+        vl[entry] = visited_scores[step][b * W + w];
+      }
+    }
+  }
+  at::Tensor final_lps = at::empty({B, W, n}, at::kFloat);
+  float* fl = final_lps.data_ptr<float>();
+  for (int64_t i = 0; i < B * W; ++i) std::copy_n(&lps[i * L], n, fl + i * n);
+  return {visited.narrow(1, (n - 1) * W, W).clone(), final_lps, visited, visited_lp};
+}
+
+}  // namespace paraserve
