@@ -27,7 +27,7 @@ template <typename T>
 void rms_norm_rows(const T* x, int64_t x_stride, T* res, int64_t res_stride, const T* w, T* out, int64_t rows,
                    int64_t h, float eps) {
   const T* tag = nullptr;  // selects round_as for T
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * x_stride;
       const T* src = xr;
@@ -96,7 +96,7 @@ void rope_cache_rows(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const in
 template <typename T>
 void silu_mul_rows(const T* gu, int64_t stride, T* out, int64_t rows, int64_t inter) {
   const T* tag = nullptr;
-  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* g = gu + r * stride;
       const T* u = g + inter;

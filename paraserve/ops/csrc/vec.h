@@ -11,6 +11,10 @@
 #include <cstring>
 #include <utility>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace paraserve {
 
 #if defined(__AVX512F__)
@@ -45,19 +49,29 @@ inline vec widen_bf16(vec_u16 h, std::index_sequence<J...>) {
 }
 
 inline vec load(const at::BFloat16* p) {
+#if defined(__AVX512F__)
+  return (vec)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+#else
   vec_u16 h;
   std::memcpy(&h, p, sizeof h);
   return widen_bf16(h, std::make_index_sequence<2 * kLanes>{});
+#endif
 }
 
 inline void store(float* p, vec v) { std::memcpy(p, &v, sizeof v); }
 
-// float32 -> bf16 bits, rounding to nearest even with NaN kept quiet: c10's rule, lane-wise.
+// float32 -> bf16 bits, rounding to nearest even with NaN kept quiet: c10's rule, lane-wise
+// (VCVTNEPS2BF16 where the CPU has it: the same bits, except that it flushes float32 denormals
+// to zero and keeps a NaN's sign).
 inline vec_u16 bf16_bits(vec v) {
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+  return (vec_u16)_mm512_cvtneps_pbh((__m512)v);
+#else
   const vec_u32 bits = reinterpret_cast<vec_u32>(v);
   vec_u32 r = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
   r = v != v ? vec_u32{} + 0x7FC0u : r;
   return __builtin_convertvector(r, vec_u16);
+#endif
 }
 
 inline void store(at::BFloat16* p, vec v) {
@@ -90,7 +104,8 @@ inline vec exp_nonpos(vec x) {
 inline vec silu(vec g) {
   const vec neg = g < 0.0f ? g : -g;
   const vec e = exp_nonpos(neg);
-  return g < 0.0f ? g * e / (1.0f + e) : g / (1.0f + e);
+  const vec num = g < 0.0f ? g * e : g;  // one division for both branches (each lane's is as before)
+  return num / (1.0f + e);
 }
 
 inline float silu(float x) {
