@@ -9,8 +9,10 @@ size, learning rate, loss weights, draft vocabulary) costs the training alone.
 A directory holds, per data key, `<key hash>.pt` (the samples, the base model's hidden states
 and its top-k next-token choices) and the key in readable form (`<key hash>.json`). Until the
 hidden-state pass ends, `<key hash>.samples.pt` holds the answers alone: a run stopped during
-that pass resumes from them. Files are written to a temporary name and renamed, so an
-interrupted run leaves no half file.
+that pass resumes from them. Before that, `<key hash>.progress.pt` holds the written prompts and
+the answers so far (saved after every chunk of requests): a run stopped while answering resumes
+where it was. Files are written to a temporary name and renamed, so an interrupted run leaves
+no half file.
 """
 from __future__ import annotations
 
@@ -77,6 +79,36 @@ def load_samples(data_dir: str, key: dict[str, Any]) -> Optional[tuple[list["Sam
         return None
     logger.info("train-drafter: reusing the generated answers in %s", path)
     return _samples(torch.load(path, weights_only=True))
+
+
+class Progress:
+    """Generation so far for a data key (`<key hash>.progress.pt`): the prompts the base model
+    wrote (None until written) and the answers, in request order, as (token ids, prompt
+    length). Without a data directory it keeps nothing on disk."""
+
+    def __init__(self, data_dir: Optional[str], key: dict[str, Any]) -> None:
+        self.key = key
+        self.file = _path(data_dir, key) + ".progress.pt" if data_dir else None
+        self.written: Optional[list[str]] = None
+        self.answers: list[tuple[list[int], int]] = []
+        if self.file and os.path.isfile(self.file):
+            import torch
+
+            raw = torch.load(self.file, weights_only=True)
+            self.written = raw["written"]
+            self.answers = list(zip(raw["ids"], raw["prompt_lens"]))
+            logger.info("train-drafter: resuming from %s (%d prompts written, %d answers)", self.file,
+                        len(self.written or []), len(self.answers))
+
+    def save(self) -> None:
+        if self.file:
+            raw = {"written": self.written, "ids": [a[0] for a in self.answers],
+                   "prompt_lens": [a[1] for a in self.answers]}
+            _write(self.file[:-len(".progress.pt")], ".progress.pt", raw, self.key)
+
+    def clear(self) -> None:
+        if self.file and os.path.exists(self.file):
+            os.remove(self.file)
 
 
 def save_samples(data_dir: str, key: dict[str, Any], train: list["Sample"], heldout: list["Sample"]) -> None:

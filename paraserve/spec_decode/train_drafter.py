@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, NamedTuple, Optional, Sequence
 
 from paraserve.config import ConfigError
-from paraserve.spec_decode.drafter_data import (DrafterData, data_key, load_data, load_samples,
+from paraserve.spec_decode.drafter_data import (DrafterData, Progress, data_key, load_data, load_samples,
                                                 save_data, save_samples)
 
 if TYPE_CHECKING:
@@ -201,9 +201,11 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     if data is None:
         samples = load_samples(cfg.data_dir, key) if cfg.data_dir else None
         if samples is None:
-            samples = generate_samples(llm, train_prompts, heldout_prompts, cfg, lap)
+            progress = Progress(cfg.data_dir, key)
+            samples = generate_samples(llm, train_prompts, heldout_prompts, cfg, lap, progress)
             if cfg.data_dir:
                 save_samples(cfg.data_dir, key, *samples)
+                progress.clear()
         data = add_hidden_states(model, *samples, cfg)
         lap("hidden")
         if cfg.data_dir:
@@ -235,12 +237,17 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
 
 
 def generate_samples(llm, train_prompts: list[str], heldout_prompts: list[str], cfg: TrainDrafterConfig,
-                     lap: Callable[[str], None]) -> tuple[list[Sample], list[Sample]]:
-    """The base model's answers, to the prompts it writes itself too: (train, held-out)."""
-    written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
-    if cfg.generated_prompts:
-        lap("write prompts")
-    samples = generate(llm, train_prompts, heldout_prompts, cfg, written)
+                     lap: Callable[[str], None], progress: Optional[Progress] = None,
+                     ) -> tuple[list[Sample], list[Sample]]:
+    """The base model's answers, to the prompts it writes itself too: (train, held-out). With
+    progress, what it holds is not generated again and what is generated is kept there."""
+    progress = progress or Progress(None, {})
+    if progress.written is None:
+        progress.written = sample_prompts(llm, cfg.generated_prompts, cfg.train_seed, set(heldout_prompts))
+        progress.save()
+        if cfg.generated_prompts:
+            lap("write prompts")
+    samples = generate(llm, train_prompts, heldout_prompts, cfg, progress.written, progress)
     lap("generate")
     return samples
 
@@ -350,12 +357,17 @@ def open_user_turn(tokenizer) -> tuple[list[int], list[str]]:
     return list(tokenizer.encode(head, add_special_tokens=False)), [end] if end else []
 
 
-def generate(llm, train_prompts: list[str], heldout_prompts: list[str],
-             cfg: TrainDrafterConfig, written: Sequence[str] = ()) -> tuple[list[Sample], list[Sample]]:
+# requests answered per engine call: the engine keeps up to its batch size in flight, and a run
+# stopped midway keeps every finished chunk (Progress)
+GENERATE_CHUNK = 2048
+
+
+def generate(llm, train_prompts: list[str], heldout_prompts: list[str], cfg: TrainDrafterConfig,
+             written: Sequence[str] = (), progress: Optional[Progress] = None) -> tuple[list[Sample], list[Sample]]:
     """The base model's own answers: per training prompt its greedy one and `num_samples`
     sampled ones (seeded), per written prompt (sample_prompts) and per held-out prompt its greedy
-    one (held-out: what acceptance is measured on). All in one batch: the engine keeps more
-    requests in flight."""
+    one (held-out: what acceptance is measured on). In chunks of GENERATE_CHUNK requests, each
+    kept in progress (which may hold the first ones already)."""
     from paraserve.sampling_params import SamplingParams
 
     greedy = SamplingParams(max_tokens=cfg.max_tokens, temperature=0.0)
@@ -368,10 +380,16 @@ def generate(llm, train_prompts: list[str], heldout_prompts: list[str],
         params += [SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                                   seed=cfg.train_seed * 1_000_003 + i * len(sampled) + j)
                    for j in range(len(sampled))]
-    ids = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} for p in prompts]
-    outs = llm.generate(ids, params)
-    samples = [Sample(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
-               for o in outs]
+    requests = [{"prompt_token_ids": llm.apply_chat_template([{"role": "user", "content": p}])} for p in prompts]
+    progress = progress or Progress(None, {})
+    for start in range(len(progress.answers), len(requests), GENERATE_CHUNK):
+        end = min(start + GENERATE_CHUNK, len(requests))
+        logger.info("train-drafter: answering requests %d-%d of %d", start + 1, end, len(requests))
+        outs = llm.generate(requests[start:end], params[start:end])
+        progress.answers += [(list(o.prompt_token_ids) + list(o.outputs[0].token_ids), len(o.prompt_token_ids))
+                             for o in outs]
+        progress.save()
+    samples = [Sample(ids, n) for ids, n in progress.answers]
     n, m = len(train_prompts), len(heldout_prompts)
     return samples[:n] + samples[n + m:], samples[n:n + m]
 

@@ -364,12 +364,33 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     def stop(*a):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_drafter, "add_hidden_states", stop)
+    # first a run stopped while answering: it keeps its finished chunks of requests, and the
+    # next run answers only the rest (40 greedy + 6 held-out + 40 sampled = 86 requests)
+    from paraserve.llm import LLM
+
+    monkeypatch.setattr(train_drafter, "GENERATE_CHUNK", 16)
+    real_generate, calls, stop_at = LLM.generate, [], [3]
+
+    def generate(self, requests, *a, **k):
+        calls.append(len(requests))
+        if len(calls) == stop_at[0]:
+            raise KeyboardInterrupt
+        return real_generate(self, requests, *a, **k)
+
+    monkeypatch.setattr(LLM, "generate", generate)
+    short_args = args + ["--max-tokens", "12", "--epochs", "1", "--out", str(tmp_path / "short")]
     try:  # Ctrl-C: the CLI exits 130
-        assert main(args + ["--max-tokens", "12", "--epochs", "1", "--out", str(tmp_path / "short")]) == 130
+        assert main(short_args) == 130
+        assert len(list(data.glob("*.progress.pt"))) == 1 and not list(data.glob("*.samples.pt"))
+        calls.clear()
+        stop_at[0] = None
+        monkeypatch.setattr(train_drafter, "add_hidden_states", stop)
+        assert main(short_args) == 130  # stopped in the hidden-state pass this time
     finally:
         torch.set_num_threads(threads)
+    assert calls == [16, 16, 16, 6]  # the 32 kept answers were not asked again
     assert len(list(data.glob("*.samples.pt"))) == 1 and len(list(data.glob("*.pt"))) == 2
+    assert not list(data.glob("*.progress.pt"))
     monkeypatch.setattr(train_drafter, "generate_samples", lambda *a: pytest.fail("generated again"))
     monkeypatch.setattr(train_drafter, "add_hidden_states", hidden)
     short = train("--max-tokens", "12", "--epochs", "1", to=tmp_path / "short")
