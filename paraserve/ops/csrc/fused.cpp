@@ -108,19 +108,48 @@ void silu_mul_rows(const T* gu, int64_t stride, T* out, int64_t rows, int64_t in
   });
 }
 
+// The first index of row's maximum, NaN ranking highest (as torch.argmax): a vector pass for
+// the maximum (and whether a NaN is present), then one for its first index; a scalar walk
+// only for rows holding a NaN.
+template <typename T>
+int64_t argmax_row(const T* row, int64_t cols) {
+  vec mv = splat(-std::numeric_limits<float>::infinity());
+  vec_i32 nan = {};
+  int64_t i = 0;
+  for (; i + kLanes <= cols; i += kLanes) {
+    const vec v = load(row + i);
+    mv = v > mv ? v : mv;
+    nan |= v != v;
+  }
+  float m = hmax(mv);
+  bool any_nan = false;
+  for (int64_t j = 0; j < kLanes; ++j) any_nan |= nan[j] != 0;
+  for (int64_t j = i; j < cols; ++j) {
+    const float v = f32(row[j]);
+    any_nan |= v != v;
+    m = std::max(m, v);
+  }
+  if (any_nan) {
+    for (int64_t j = 0; j < cols; ++j) {
+      if (f32(row[j]) != f32(row[j])) return j;
+    }
+  }
+  for (i = 0; i + kLanes <= cols; i += kLanes) {
+    const vec_i32 hit = load(row + i) == m;
+    for (int64_t j = 0; j < kLanes; ++j) {
+      if (hit[j]) return i + j;
+    }
+  }
+  for (; i < cols; ++i) {
+    if (f32(row[i]) == m) return i;
+  }
+  return 0;  // every entry -inf: the first
+}
+
 template <typename T>
 void argmax_rows_impl(const T* x, int64_t stride, int64_t rows, int64_t cols, int64_t* out) {
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const T* row = x + r * stride;
-      int64_t best = 0;
-      float bv = f32(row[0]);
-      for (int64_t i = 1; i < cols && bv == bv; ++i) {  // NaN ranks highest, as in torch.argmax
-        const float v = f32(row[i]);
-        if (v > bv || v != v) bv = v, best = i;
-      }
-      out[r] = best;
-    }
+    for (int64_t r = r0; r < r1; ++r) out[r] = argmax_row(x + r * stride, cols);
   });
 }
 
