@@ -152,11 +152,13 @@ class ServerConfig:
 # Speculation is switched off for a step when more requests than this are running (vLLM's
 # disable_by_batch_size). A verification adds the tree's nodes to every request's rows: at batch
 # 1 decode is bound by reading the weights and the extra rows are nearly free, but once the batch
-# alone fills the step they cost more than they save. Measured with `paraserve bench spec`
-# (SmolLM2-135M, bf16, 2-core Xeon, benchmarks/results/spec.txt): n-gram on code prompts 1.43x at
-# batch 1 but 0.84x at batch 8; ReDrafter and chat prompts lose at batch 8 too (0.42-0.59x). Batch
-# 2 is not measured; 2 keeps the measured win and stays well below the measured loss.
-DEFAULT_SPEC_MAX_RUNNING = 2
+# alone fills the step they cost more than they save. Measured with speculation forced on
+# (`paraserve bench spec --batch-sizes 2,4,8`, SmolLM2-135M bf16, 2-core Xeon with AMX,
+# benchmarks/results/spec.txt), speedup over plain decoding on chat / code prompts:
+#   ReDrafter  batch 2: 1.23x / 2.08x, batch 4: 1.00x / 1.53x, batch 8: 0.81x / 1.24x
+#   n-gram     batch 2: 1.02x / 1.45x, batch 4: 0.92x / 1.34x, batch 8: 0.88x / 1.34x
+# 4 keeps the wins up to batch 4 (chat breaks even there) and stops before chat loses ~15%.
+DEFAULT_SPEC_MAX_RUNNING = 4
 
 SPEC_METHODS = ("redrafter", "ngram")
 # ReDrafter's default min_draft_prob: with the shipped SmolLM2 drafter, 0.05 drafted ~10% faster
@@ -164,10 +166,14 @@ SPEC_METHODS = ("redrafter", "ngram")
 DEFAULT_MIN_DRAFT_PROB = 0.05
 # Default SpecConfig.tree_context_budget: a draft tree holds at most max(1, budget / context
 # length) nodes. Each node attends over the whole context, so verifying a tree of n nodes costs
-# ~n x context of attention on top of a plain step's (SmolLM2 bf16 here: ~0.3 ms per node at
-# 150 tokens of context, ~1 ms at 1k, ~1.8 ms at 2k, ~4 ms at 4k). `paraserve bench spec
-# --prompt-sets long` (2k- and 4k-token contexts, batch 1, benchmarks/results/spec-long*.txt):
-# ReDrafter 1.00x of plain unbounded, 1.14x with 4096, 1.19x with 8192, 1.06x with 16384.
+# ~n x context of attention on top of a plain step's. On the vector attention path (CPUs without
+# AMX) that was ~0.3 ms per node at 150 tokens of context, ~1.8 ms at 2k and ~4 ms at 4k
+# (SmolLM2 bf16), and `paraserve bench spec --prompt-sets long` (2k- and 4k-token contexts,
+# batch 1) gave ReDrafter 1.00x of plain unbounded, 1.14x with 4096, 1.19x with 8192, 1.06x
+# with 16384. The AMX path shares each context chunk among a tree's nodes (a 12-node tree at 2k:
+# +0.5 ms per node for the whole decoder stack): there the bound hardly matters at 2-4k, 1.67x
+# with 8192 against 1.68x unbounded, 1.68x with 16384, 1.65x with 32768
+# (benchmarks/results/spec-long*.txt), and 8192 stays for CPUs without AMX and longer contexts.
 DEFAULT_TREE_CONTEXT_BUDGET = 8192
 _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob", "lookup_beam"),
               "ngram": ()}
