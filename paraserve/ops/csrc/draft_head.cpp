@@ -99,6 +99,99 @@ float lse_and_top(const bf16* row, int64_t V, int64_t k, Cand* top) {
   return m + std::log(sum);
 }
 
+// The search's bookkeeping on small arrays: per request b and beam w (row b * W + w), the
+// drafter-vocabulary rows and per-token log-probs so far ([B * W, L]) and the beam's log-prob;
+// and every step's beams (the tree's candidate nodes).
+struct Search {
+  int64_t B, W, L;
+  std::vector<int64_t> rows, new_rows;
+  std::vector<float> lps, new_lps, score;
+  std::vector<std::vector<int64_t>> visited_rows;  // step t: [B * W, t + 1]
+  std::vector<std::vector<float>> visited_scores;  // step t: [B * W]
+
+  Search(int64_t b, int64_t w, int64_t l)
+      : B(b), W(w), L(l), rows(b * w * l), new_rows(b * w * l), lps(b * w * l), new_lps(b * w * l), score(b * w) {}
+
+  // step 0: one row per request, its W best tokens (top[b * W ...], log-sum-exp lse[b])
+  void start(const std::vector<Cand>& top, const std::vector<float>& lse) {
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t w = 0; w < W; ++w) {
+        const Cand& c = top[b * W + w];
+        rows[(b * W + w) * L] = c.index;
+        score[b * W + w] = lps[(b * W + w) * L] = c.score - lse[b];
+      }
+    }
+    record(0);
+  }
+
+  // step t: each request's W best of its beams' W best candidates (top[(b * W + w) * W ...]);
+  // returns each new beam's parent row (for the recurrent state)
+  std::vector<int64_t> advance(int64_t t, const std::vector<Cand>& top, const std::vector<float>& lse, int64_t Vd) {
+    std::vector<int64_t> parent(B * W);
+    std::vector<Cand> cand(W * W);  // score: the beam's + the token's log-prob; index: w * Vd + row
+    for (int64_t b = 0; b < B; ++b) {
+      for (int64_t w = 0; w < W; ++w) {
+        for (int64_t j = 0; j < W; ++j) {
+          const Cand& c = top[(b * W + w) * W + j];
+          cand[w * W + j] = {score[b * W + w] + (c.score - lse[b * W + w]), w * Vd + c.index};
+        }
+      }
+      // ties to the earlier beam and row, as a stable sort of all W x Vd would order them
+      std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.score > y.score; });
+      for (int64_t w = 0; w < W; ++w) {
+        const int64_t from = b * W + cand[w].index / Vd, to = b * W + w;
+        parent[to] = from;
+        std::copy_n(&rows[from * L], t, &new_rows[to * L]);
+        std::copy_n(&lps[from * L], t, &new_lps[to * L]);
+        new_rows[to * L + t] = cand[w].index % Vd;
+        new_lps[to * L + t] = cand[w].score - score[from];
+      }
+      for (int64_t w = 0; w < W; ++w) score[b * W + w] = cand[w].score;
+    }
+    std::swap(rows, new_rows);
+    std::swap(lps, new_lps);
+    record(t);
+    return parent;
+  }
+
+  void record(int64_t t) {
+    visited_rows.emplace_back(B * W * (t + 1));
+    for (int64_t i = 0; i < B * W; ++i) std::copy_n(&rows[i * L], t + 1, &visited_rows[t][i * (t + 1)]);
+    visited_scores.push_back(score);
+  }
+
+  // Beams' tensors after n steps, rows mapped to base token ids: final ids [B, W, n], their
+  // per-token log-probs [B, W, n], visited [B, n * W, n] (-1 past a beam's length), and the
+  // visited beams' log-probs [B, n * W].
+  std::vector<at::Tensor> tensors(const int64_t* ids) const {
+    const int64_t n = static_cast<int64_t>(visited_rows.size());
+    at::Tensor visited = at::full({B, n * W, n}, -1, at::kLong);
+    at::Tensor visited_lp = at::empty({B, n * W}, at::kFloat);
+    int64_t* vp = visited.data_ptr<int64_t>();
+    float* vl = visited_lp.data_ptr<float>();
+    for (int64_t t = 0; t < n; ++t) {
+      for (int64_t i = 0; i < B * W; ++i) {  // i = b * W + w
+        const int64_t entry = (i / W) * n * W + t * W + i % W;
+        for (int64_t k = 0; k <= t; ++k) vp[entry * n + k] = ids[visited_rows[t][i * (t + 1) + k]];
+        vl[entry] = visited_scores[t][i];
+      }
+    }
+    at::Tensor final_lps = at::empty({B, W, n}, at::kFloat);
+    float* fl = final_lps.data_ptr<float>();
+    for (int64_t i = 0; i < B * W; ++i) std::copy_n(&lps[i * L], n, fl + i * n);
+    return {visited.narrow(1, (n - 1) * W, W).clone(), final_lps, visited, visited_lp};
+  }
+};
+
+// Each row r of logits [N, Vd]: its log-sum-exp, and its k best entries at top[r * k ...].
+void rows_lse_and_top(const at::Tensor& logits, int64_t k, std::vector<float>& lse, std::vector<Cand>& top) {
+  const int64_t N = logits.size(0), Vd = logits.size(1);
+  const bf16* x = logits.data_ptr<bf16>();
+  at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) lse[r] = lse_and_top(x + r * Vd, Vd, k, &top[r * k]);
+  });
+}
+
 }  // namespace
 
 DraftHead::DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
@@ -135,91 +228,25 @@ std::vector<at::Tensor> DraftHead::beam_search(const at::Tensor& h_in, const at:
   const at::Tensor h = h_in.to(at::kBFloat16).contiguous(), last = last_in.to(at::kLong).contiguous();
   const int64_t B = h.size(0), W = width, L = length;
   const int64_t* ids = token_ids_.data_ptr<int64_t>();
-  // per request b and beam w: rows (drafter vocabulary) and per-token log-probs so far, and the
-  // log-prob of the whole beam; visited[t] = the beams after step t
-  std::vector<int64_t> rows(B * W * L), new_rows(B * W * L);
-  std::vector<float> lps(B * W * L), new_lps(B * W * L), score(B * W);
-  std::vector<std::vector<int64_t>> visited_rows;
-  std::vector<std::vector<float>> visited_scores;
+  Search search(B, W, L);
   std::vector<Cand> top(B * W * W);
   std::vector<float> lse(B * W);
-
-  // step 0: one row per request (all beams start identical)
+  // step 0: one row per request (all beams start identical; s_0 = 0, so U s_0 drops out)
   at::Tensor s = silu_of_sum(rnn_w_(embed_.index_select(0, last)), nullptr);  // [B, H]
-  at::Tensor lg = logits(h, s);  // [B, Vd]
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) lse[b] = lse_and_top(lg.data_ptr<bf16>() + b * Vd, Vd, W, &top[b * W * W]);
-  });
-  for (int64_t b = 0; b < B; ++b) {
-    for (int64_t w = 0; w < W; ++w) {
-      const Cand& c = top[b * W * W + w];
-      rows[(b * W + w) * L] = c.index;
-      score[b * W + w] = lps[(b * W + w) * L] = c.score - lse[b];
-    }
-  }
-  visited_rows.emplace_back(B * W);
-  visited_scores.push_back(score);
-  for (int64_t i = 0; i < B * W; ++i) visited_rows[0][i] = rows[i * L];
-  s = s.repeat_interleave(W, 0);
+  rows_lse_and_top(logits(h, s), W, lse, top);  // top[b * W ...]: request b's W best
+  search.start(top, lse);
+  s = s.repeat_interleave(W, 0);  // [B * W, H]
   const at::Tensor h_w = h.repeat_interleave(W, 0);
-  int64_t t = 1;
-  for (; t < L; ++t) {
-    if (*std::max_element(score.begin(), score.end()) < min_logprob) break;
-    std::vector<int64_t> prev(B * W);
-    for (int64_t i = 0; i < B * W; ++i) prev[i] = ids[rows[i * L + t - 1]];
-    const at::Tensor emb = embed_.index_select(0, at::tensor(prev, at::kLong));
+  for (int64_t t = 1; t < L; ++t) {
+    if (*std::max_element(search.score.begin(), search.score.end()) < min_logprob) break;
+    std::vector<int64_t> prev(B * W);  // each beam's last token, as a base token id
+    for (int64_t i = 0; i < B * W; ++i) prev[i] = ids[search.rows[i * L + t - 1]];
     const at::Tensor recurrent = rnn_u_(s);
-    s = silu_of_sum(rnn_w_(emb), &recurrent);
-    lg = logits(h_w, s);  // [B * W, Vd]
-    at::parallel_for(0, B * W, 1, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) lse[r] = lse_and_top(lg.data_ptr<bf16>() + r * Vd, Vd, W, &top[r * W]);
-    });
-    std::vector<int64_t> parent(B * W);
-    for (int64_t b = 0; b < B; ++b) {
-      std::vector<Cand> cand;  // score: the beam's + the token's log-prob; index: w * Vd + row
-      for (int64_t w = 0; w < W; ++w) {
-        for (int64_t j = 0; j < W; ++j) {
-          const Cand& c = top[(b * W + w) * W + j];
-          cand.push_back({score[b * W + w] + (c.score - lse[b * W + w]), w * Vd + c.index});
-        }
-      }
-      std::stable_sort(cand.begin(), cand.end(), [](const Cand& x, const Cand& y) { return x.score > y.score; });
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t from = b * W + cand[w].index / Vd, to = b * W + w;
-        parent[to] = from;
-        std::copy_n(&rows[from * L], t, &new_rows[to * L]);
-        std::copy_n(&lps[from * L], t, &new_lps[to * L]);
-        new_rows[to * L + t] = cand[w].index % Vd;
-        new_lps[to * L + t] = cand[w].score - score[from];
-      }
-      for (int64_t w = 0; w < W; ++w) score[b * W + w] = cand[w].score;
-    }
-    std::swap(rows, new_rows);
-    std::swap(lps, new_lps);
-    visited_rows.emplace_back(B * W * (t + 1));
-    for (int64_t i = 0; i < B * W; ++i) std::copy_n(&rows[i * L], t + 1, &visited_rows[t][i * (t + 1)]);
-    visited_scores.push_back(score);
-    s = s.index_select(0, at::tensor(parent, at::kLong));
+    s = silu_of_sum(rnn_w_(embed_.index_select(0, at::tensor(prev, at::kLong))), &recurrent);
+    rows_lse_and_top(logits(h_w, s), W, lse, top);
+    s = s.index_select(0, at::tensor(search.advance(t, top, lse, Vd), at::kLong));
   }
-  // visited [B, n * W, n] base token ids (-1 past a beam's length) and their log-probs
-  const int64_t n = t;
-  at::Tensor visited = at::full({B, n * W, n}, -1, at::kLong);
-  at::Tensor visited_lp = at::empty({B, n * W}, at::kFloat);
-  int64_t* vp = visited.data_ptr<int64_t>();
-  float* vl = visited_lp.data_ptr<float>();
-  for (int64_t step = 0; step < n; ++step) {
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t w = 0; w < W; ++w) {
-        const int64_t entry = b * n * W + step * W + w;
-        for (int64_t k = 0; k <= step; ++k) vp[entry * n + k] = ids[visited_rows[step][(b * W + w) * (step + 1) + k]];
-        vl[entry] = visited_scores[step][b * W + w];
-      }
-    }
-  }
-  at::Tensor final_lps = at::empty({B, W, n}, at::kFloat);
-  float* fl = final_lps.data_ptr<float>();
-  for (int64_t i = 0; i < B * W; ++i) std::copy_n(&lps[i * L], n, fl + i * n);
-  return {visited.narrow(1, (n - 1) * W, W).clone(), final_lps, visited, visited_lp};
+  return search.tensors(ids);
 }
 
 }  // namespace paraserve
