@@ -155,9 +155,10 @@ class ServerConfig:
 # alone fills the step they cost more than they save. Measured with speculation forced on
 # (`paraserve bench spec --batch-sizes 2,4,8`, SmolLM2-135M bf16, 2-core Xeon with AMX,
 # benchmarks/results/spec.txt), speedup over plain decoding on chat / code prompts:
-#   ReDrafter  batch 2: 1.23x / 2.08x, batch 4: 1.00x / 1.53x, batch 8: 0.81x / 1.24x
-#   n-gram     batch 2: 1.02x / 1.45x, batch 4: 0.92x / 1.34x, batch 8: 0.88x / 1.34x
-# 4 keeps the wins up to batch 4 (chat breaks even there) and stops before chat loses ~15%.
+#   ReDrafter  batch 2: 1.22x / 2.06x, batch 4: 0.98x / 1.47x, batch 8: 0.77x / 1.21x
+#   n-gram     batch 2: 0.99x / 1.50x, batch 4: 0.92x / 1.32x, batch 8: 0.86x / 1.26x
+# (an earlier run: ReDrafter 1.23 / 1.00 / 0.81x on chat). 4 keeps the wins up to batch 4 (chat
+# about breaks even there) and stops before chat loses 15-25%.
 DEFAULT_SPEC_MAX_RUNNING = 4
 
 SPEC_METHODS = ("redrafter", "ngram")
@@ -171,9 +172,9 @@ DEFAULT_MIN_DRAFT_PROB = 0.05
 # (SmolLM2 bf16), and `paraserve bench spec --prompt-sets long` (2k- and 4k-token contexts,
 # batch 1) gave ReDrafter 1.00x of plain unbounded, 1.14x with 4096, 1.19x with 8192, 1.06x
 # with 16384. The AMX path shares each context chunk among a tree's nodes (a 12-node tree at 2k:
-# +0.5 ms per node for the whole decoder stack): there the bound hardly matters at 2-4k, 1.67x
-# with 8192 against 1.68x unbounded, 1.68x with 16384, 1.65x with 32768
-# (benchmarks/results/spec-long*.txt), and 8192 stays for CPUs without AMX and longer contexts.
+# +0.5 ms per node for the whole decoder stack): there the bound hardly matters at 2-4k, 1.64x
+# with 8192 against 1.66x unbounded (benchmarks/results/spec-long*.txt; other runs: 1.67x, 1.68x,
+# 1.68x with 16384, 1.65x with 32768), and 8192 stays for CPUs without AMX and longer contexts.
 DEFAULT_TREE_CONTEXT_BUDGET = 8192
 _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob", "lookup_beam"),
               "ngram": ()}
