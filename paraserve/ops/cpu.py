@@ -21,7 +21,7 @@ import torch
 logger = logging.getLogger("paraserve")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
+_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "amx_int8.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows a linear layer without an AMX-packed weight uses small_m_linear, whose rows

@@ -242,11 +242,14 @@ def beam_search(drafter: ReDrafter, h: torch.Tensor, last_token: torch.Tensor, e
     return Beams(ids[:, -W:], lps, ids, torch.cat([sc for _, sc in steps], 1))
 
 
-def compiled_head(drafter: ReDrafter, embed: nn.Module):
+def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = False):
     """The drafter as the compiled beam search (ops/csrc/draft_head.cpp, the same search in one
     call: 2.4 -> ~1.2 ms a search at batch 1), or None where that does not apply: no CPU
     kernels, a drafter not in bf16 on CPU, or an embedding table that is not the whole
-    vocabulary (tensor parallel shards it). Call after drafter.pack()."""
+    vocabulary (tensor parallel shards it). Call after drafter.pack().
+
+    int8: its layers on int8 weights and activations (amx_int8.cpp; ~0.8 ms a search); None: where
+    the CPU has AMX tiles. True where that cannot run raises ValueError."""
     from paraserve.ops import cpu
 
     weight = getattr(embed, "weight", None)
@@ -254,7 +257,15 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module):
     if (kernels is None or weight is None or drafter.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
             or weight.device.type != "cpu" or weight.shape[0] < drafter.config.base_vocab_size
             or getattr(getattr(embed, "tp", None), "size", 1) != 1):
+        if int8:
+            raise ValueError("drafter_int8 needs the drafter in bfloat16 on a CPU with the paraserve CPU kernels "
+                             "and an unsharded embedding table")
         return None
+    if int8 is None:
+        int8 = cpu.amx_available() and _int8_shapes(drafter)
+    elif int8 and not (cpu.amx_available() and _int8_shapes(drafter)):
+        raise ValueError("drafter_int8 needs a CPU with AMX tiles (Intel Sapphire Rapids or later) and a drafter "
+                         "whose layer sizes are multiples of 64 (inputs) and 32 (outputs)")
 
     def args(layer: DraftLinear):
         packed = layer.packed.data if layer.packed is not None and layer.packed.amx else None
@@ -262,7 +273,13 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module):
 
     return kernels.DraftHead(weight.contiguous(), drafter.token_ids, args(drafter.rnn_w), args(drafter.rnn_u),
                              args(drafter.proj) if drafter.proj is not None else None,
-                             [args(b.linear) for b in drafter.blocks], args(drafter.lm_head))
+                             [args(b.linear) for b in drafter.blocks], args(drafter.lm_head), int8, int8)
+
+
+def _int8_shapes(drafter: ReDrafter) -> bool:
+    """Every layer fits amx_int8_linear's tiles: in_features % 64, out_features % 32."""
+    return all(m.in_features % 64 == 0 and m.out_features % 32 == 0
+               for m in drafter.modules() if isinstance(m, DraftLinear))
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -337,7 +354,7 @@ class ReDrafterProposer(Proposer):
                  drafter_path: Optional[str] = None, beam_width: int = 4, beam_length: int = 4,
                  num_speculative_tokens: Optional[int] = None, drafter: Optional[ReDrafter] = None,
                  dtype: Optional[torch.dtype] = None, min_draft_prob: float = 0.0,
-                 lookup: Optional[Proposer] = None) -> None:
+                 lookup: Optional[Proposer] = None, int8: Optional[bool] = False) -> None:
         if num_speculative_tokens is not None:
             beam_length = num_speculative_tokens  # vLLM's name for the draft length
         if beam_width < 1 or beam_length < 1:
@@ -361,7 +378,8 @@ class ReDrafterProposer(Proposer):
             raise ValueError(f"beam_width {beam_width} exceeds the drafter's {drafter.config.vocab_rows} tokens")
         self.drafter = drafter.requires_grad_(False).pack()
         self.embed: Embed = model.embed_tokens
-        self.head = compiled_head(self.drafter, model.embed_tokens)  # None: the torch search
+        # None: the torch search; int8 None: int8 layers where the CPU has AMX (compiled_head)
+        self.head = compiled_head(self.drafter, model.embed_tokens, int8)
         self.beam_width = beam_width
         self.beam_length = beam_length
         # a drafted token is verified only while the drafter gives its beam prefix at least this

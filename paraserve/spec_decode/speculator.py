@@ -23,7 +23,7 @@ from paraserve.layers.sampler import (SamplingMetadata, SamplingRow, argmax, pro
                                       sampling_probs)
 from paraserve.sampling_params import SamplingParams
 from paraserve.spec_decode.proposer import Proposer, get_proposer
-from paraserve.spec_decode.rejection_sampler import VerifyOutput, verify_greedy_argmax, verify_sampling
+from paraserve.spec_decode.rejection_sampler import VerifyOutput, verify_greedy_lists, verify_sampling
 from paraserve.spec_decode.tree import DraftTree, PackedTrees
 
 logger = logging.getLogger("paraserve")
@@ -69,12 +69,12 @@ class Speculator:
         """logits: [T, V] raw logits of every tree node, flat, tree after tree in `trees`' order;
         rows: one per tree, its request's sampling state."""
         if all(r.params.greedy and not r.params.logit_bias for r in rows):
-            return verify_greedy_argmax(trees.gather(argmax(logits)), trees)
+            return verify_greedy_lists(argmax(logits).tolist(), trees)
         per_node = [r for r, n in zip(rows, trees.num_nodes) for _ in range(n)]
         meta = SamplingMetadata.build(per_node, self.vocab_size, logits.device)
         x = process_logits(logits.to(torch.float32, copy=True), meta)  # [T, V]: logit_bias
         if meta.all_greedy:
-            return verify_greedy_argmax(trees.gather(argmax(x)), trees)
+            return verify_greedy_lists(argmax(x).tolist(), trees)
         greedy = None if meta.greedy_mask is None else argmax(x)  # [T]; before x is scaled
         probs = target_probs(x, meta)  # [T, V]
         if greedy is not None:  # a point mass at the argmax: verify_sampling is then greedy
@@ -113,7 +113,7 @@ def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) 
         check_name = None
     return get_proposer("redrafter", model=model, model_name=check_name, drafter_path=path,
                         beam_width=config.beam_width, beam_length=config.beam_length,
-                        min_draft_prob=config.min_draft_prob,
+                        min_draft_prob=config.min_draft_prob, int8=config.drafter_int8,
                         lookup=get_proposer("ngram", num_speculative_tokens=config.beam_length,
                                             min_n=config.prompt_lookup_min, max_n=config.prompt_lookup_max)
                         if config.lookup_beam else None)

@@ -49,17 +49,16 @@ class DraftTree:
                     depths.append(l + 1)
                 node = unpack[w][l] = child[key]
         n = len(tokens)
-        mask = torch.zeros(n, n, dtype=torch.bool)
-        mask[0, 0] = True
+        rows = [[True] + [False] * (n - 1)]
         for i in range(1, n):  # a node sees what its parent sees, and itself
-            mask[i] = mask[parents[i]]
-            mask[i, i] = True
+            rows.append(rows[parents[i]].copy())
+            rows[i][i] = True
         lengths = torch.tensor([len(b) for b in beams], dtype=torch.int64)  # [W]
         return cls(
             token_ids=torch.tensor(tokens, dtype=torch.int64),
             parents=torch.tensor(parents, dtype=torch.int64),
             depths=torch.tensor(depths, dtype=torch.int64),
-            attn_mask=mask,
+            attn_mask=torch.tensor(rows, dtype=torch.bool),
             unpack=torch.tensor(unpack, dtype=torch.int64).view(len(beams), max_len),
             unpack_valid=torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1),
         )
@@ -156,12 +155,13 @@ def pack_trees(trees: Sequence[DraftTree]) -> PackedTrees:
     w_max = max((t.unpack.shape[0] for t in trees), default=0)
     l_max = max((t.unpack.shape[1] for t in trees), default=0)
 
+    # (padding only where a tree is smaller: at batch 1 each field is one op)
     def pad1(get) -> torch.Tensor:  # [B, N]
-        return torch.nn.utils.rnn.pad_sequence([get(t) for t in trees], batch_first=True)
+        return torch.stack([F.pad(x, (0, n_max - len(x))) if len(x) < n_max else x for x in map(get, trees)])
 
     def pad2(get, rows: int, cols: int) -> torch.Tensor:  # [B, rows, cols]
-        return torch.stack([F.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0]))
-                            for x in map(get, trees)])
+        return torch.stack([F.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0])) if x.shape != (rows, cols)
+                            else x for x in map(get, trees)])
 
     node = torch.arange(n_max).expand(len(trees), n_max)  # [B, N]
     size = torch.tensor(sizes).unsqueeze(1)  # [B, 1]

@@ -83,6 +83,35 @@ def test_amx_linear_reads_a_strided_x_and_rejects_what_it_cannot_pack():
         cpu.kernels().amx_linear(torch.randn(2, 64, dtype=torch.bfloat16), cpu.kernels().amx_pack_weight(w), None)
 
 
+def int8_rows(t: torch.Tensor, by_inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 in float32 as amx_int8.cpp rounds it: values and scales (weights
+    are divided by their scale, activations multiplied by 127 / max)."""
+    amax = t.float().abs().amax(1, keepdim=True)
+    q = t.float() * (127 / amax) if by_inverse else t.float() / (amax / 127)
+    return q.round().clamp(-127, 127).double(), (amax / 127).double()
+
+
+@amx
+@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 8192, False), (4, 64, 96, True), (16, 1152, 576, True),
+                                           (21, 128, 64, True)])
+def test_amx_int8_linear_is_the_product_of_the_row_quantized_operands(m, k, n, bias):
+    torch.manual_seed(m + n)
+    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    x[0, 3] = 9.0  # an outlier sets its row's scale
+    b = torch.randn(n, dtype=torch.bfloat16) if bias else None
+    packed, scale = cpu.kernels().amx_pack_int8(w)
+    got = cpu.kernels().amx_int8_linear(x, packed, scale, b)
+    (xq, sx), (wq, sw) = int8_rows(x, by_inverse=True), int8_rows(w, by_inverse=False)
+    # the int32 sums are exact: what remains is float32 scaling and one bf16 rounding
+    ref = (xq @ wq.T) * sx * sw.T + (0 if b is None else b.double())
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert ((got.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-3 * ref.abs().max()).all()
+    exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert (got.double() - exact).norm() / exact.norm() < 0.03  # what int8 costs
+    with pytest.raises(RuntimeError, match="K % 64"):
+        cpu.kernels().amx_pack_int8(torch.randn(64, 32, dtype=torch.bfloat16))
+
+
 @amx
 def test_linear_layer_on_amx_gives_each_row_the_same_numbers_at_every_batch_size():
     parallel_state.init_single_process()

@@ -343,6 +343,8 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
                      ('{"method": "ngram", "min_draft_prob": 0.1}', "not an option of method 'ngram'"),
                      ('{"method": "ngram", "lookup_beam": true}', "not an option of method 'ngram'"),
                      ('{"method": "redrafter", "lookup_beam": 1}', "lookup_beam must be true or false"),
+                     ('{"method": "redrafter", "drafter_int8": "yes"}', "drafter_int8 must be true or false"),
+                     ('{"method": "ngram", "drafter_int8": true}', "not an option of method 'ngram'"),
                      ('{"method": "redrafter", "lookup_beam": false, "prompt_lookup_max": 4}',
                       "which lookup_beam false turns off"),
                      ('{"method": "ngram", "tree_context_budget": -1}', "tree_context_budget must be an integer >= 0"),

@@ -571,3 +571,46 @@ def test_compiled_beam_search_matches_a_reference(hidden, draft_vocab, project, 
     assert torch.equal(got.token_ids, visited[:, -4:])  # the final beams
     torch.testing.assert_close(got.logprobs.sum(-1), visited_lp[:, -4:], rtol=1e-4, atol=1e-4)
     assert (n < 4) == (min_logprob > float("-inf"))  # the early stop was exercised
+
+
+def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatch):
+    """drafter_int8: the compiled search with its layers on amx_int8_linear visits the beams the
+    torch search visits when every DraftLinear runs that kernel (the kernel itself is checked in
+    tests/layers/test_cpu_kernels.py); asking for it where it cannot run is a clear error."""
+    from paraserve.ops import cpu
+    from paraserve.spec_decode import redrafter
+    from paraserve.spec_decode.redrafter import Beams, DraftLinear, compiled_head
+
+    if cpu.kernels() is None:
+        pytest.skip("no CPU kernels here")
+    torch.manual_seed(1)
+    vocab, hidden = 128, 64
+    drafter = ReDrafter(ReDrafterConfig("base", vocab, hidden, draft_vocab_size=96),
+                        torch.randperm(vocab)[:96].sort().values)
+    with torch.no_grad():
+        for p in drafter.parameters():
+            p.normal_(0, 0.15)
+    drafter = drafter.to(torch.bfloat16).eval().requires_grad_(False).pack()
+    embed = nn.Embedding(vocab, hidden).to(torch.bfloat16).requires_grad_(False)
+    if not cpu.amx_available():
+        assert compiled_head(drafter, embed, None) is not None  # the default falls back to bf16
+        with pytest.raises(ValueError, match="AMX"):
+            compiled_head(drafter, embed, True)
+        return
+    head = compiled_head(drafter, embed, True)
+    k = cpu.kernels()
+    int8 = {id(m): k.amx_pack_int8(m.weight) for m in drafter.modules() if isinstance(m, DraftLinear)}
+    monkeypatch.setattr(DraftLinear, "forward",
+                        lambda self, x: k.amx_int8_linear(x.to(torch.bfloat16).contiguous(), *int8[id(self)], self.bias))
+    h, last = torch.randn(5, hidden).bfloat16(), torch.randint(0, vocab, (5,))
+    got = Beams(*head.beam_search(h, last, 4, 4, float("-inf")))
+    with torch.no_grad():
+        visited, visited_lp = float_beam_search(drafter, h, last, embed, 4, 4, float("-inf"))
+    assert torch.equal(got.visited, visited)
+    torch.testing.assert_close(got.visited_logprobs, visited_lp, rtol=1e-4, atol=1e-4)
+    bf16 = Beams(*compiled_head(drafter, embed, False).beam_search(h, last, 4, 4, float("-inf")))
+    assert not torch.equal(bf16.visited_logprobs, got.visited_logprobs)  # int8 really ran
+    with pytest.raises(ValueError, match="multiples of 64"):
+        odd = ReDrafter(ReDrafterConfig("base", vocab, 40)).to(torch.bfloat16).eval().pack()
+        compiled_head(odd, nn.Embedding(vocab, 40).to(torch.bfloat16), True)
+    assert redrafter._int8_shapes(drafter)

@@ -69,6 +69,16 @@ def test_greedy_matches_brute_force(seed):
     check_against_walk(out, trees, packed, flat)
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_greedy_on_lists_matches_brute_force_and_tensors(seed):
+    trees, packed, flat = random_batch(seed)
+    out = rs.verify_greedy_lists(flat.argmax(-1).tolist(), packed)
+    check_against_walk(out, trees, packed, flat)
+    ref = verify_greedy(packed.gather(flat), packed)
+    for f in dataclasses.fields(out):
+        assert torch.equal(getattr(out, f.name), getattr(ref, f.name)), f.name
+
+
 @pytest.mark.parametrize("seed", range(2))
 def test_sampling_with_point_mass_targets_is_greedy(seed):
     trees, packed, flat = random_batch(seed)

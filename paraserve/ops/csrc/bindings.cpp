@@ -17,6 +17,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "AMX tiles built in and granted by the OS");
   m.def("amx_pack_weight", &amx_pack_weight, "bf16 w [N, K] -> the tile layout amx_linear reads");
   m.def("amx_linear", &amx_linear, "(x, packed, bias or None) -> x @ w.T (+ bias) on AMX tiles", nogil);
+  m.def("amx_pack_int8", &amx_pack_int8, "w [N, K] -> [int8 tile layout, per-row scale] for amx_int8_linear");
+  m.def("amx_int8_linear", &amx_int8_linear,
+        "(x bf16, packed, scale, bias or None) -> x @ w.T (+ bias), int8 weights and activations on AMX", nogil);
   m.def("rms_norm", &rms_norm, "(x, residual or None, weight, eps) -> normed; residual += x in place", nogil);
   m.def("rope_and_cache", &rope_and_cache,
         "(q, k, v, positions, cos, sin, kv_cache, slot_mapping): rotary in place, k/v into the cache", nogil);
@@ -38,9 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DraftHead>(m, "DraftHead")
       .def(py::init<at::Tensor, at::Tensor, const DraftHead::LinearArgs&, const DraftHead::LinearArgs&,
                     const std::optional<DraftHead::LinearArgs>&, const std::vector<DraftHead::LinearArgs>&,
-                    const DraftHead::LinearArgs&>(),
+                    const DraftHead::LinearArgs&, bool, bool>(),
            py::arg("embed"), py::arg("token_ids"), py::arg("rnn_w"), py::arg("rnn_u"), py::arg("proj"),
-           py::arg("blocks"), py::arg("lm_head"))
+           py::arg("blocks"), py::arg("lm_head"), py::arg("int8_head") = false, py::arg("int8_layers") = false)
       .def("beam_search", &DraftHead::beam_search, py::arg("h"), py::arg("last_tokens"), py::arg("width"),
            py::arg("length"), py::arg("min_logprob"), nogil);
   m.attr("HEAD_DIM_MULTIPLE") = kLanes;

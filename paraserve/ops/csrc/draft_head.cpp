@@ -196,19 +196,21 @@ void rows_lse_and_top(const at::Tensor& logits, int64_t k, std::vector<float>& l
 
 DraftHead::DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
                      const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks,
-                     const LinearArgs& lm_head)
-    : embed_(std::move(embed)), token_ids_(token_ids.contiguous()), rnn_w_(linear(rnn_w)), rnn_u_(linear(rnn_u)),
-      lm_head_(linear(lm_head)) {
+                     const LinearArgs& lm_head, bool int8_head, bool int8_layers)
+    : embed_(std::move(embed)), token_ids_(token_ids.contiguous()), rnn_w_(linear(rnn_w, int8_layers)),
+      rnn_u_(linear(rnn_u, int8_layers)), lm_head_(linear(lm_head, int8_head)) {
   TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == at::kBFloat16 && embed_.is_contiguous(),
               "DraftHead: embed must be a contiguous bf16 [V, H]");
   TORCH_CHECK(token_ids_.dim() == 1 && token_ids_.scalar_type() == at::kLong, "DraftHead: token_ids must be int64 [Vd]");
-  if (proj) proj_ = linear(*proj);
-  for (const LinearArgs& b : blocks) blocks_.push_back(linear(b));
+  if (proj) proj_ = linear(*proj, int8_layers);
+  for (const LinearArgs& b : blocks) blocks_.push_back(linear(b, int8_layers));
 }
 
-DecoderStack::Linear DraftHead::linear(const LinearArgs& a) {
-  TORCH_CHECK(std::get<0>(a).scalar_type() == at::kBFloat16, "DraftHead: weights must be bf16");
-  return DecoderStack::Linear{std::get<0>(a), std::get<1>(a), std::get<2>(a)};
+DecoderStack::Linear DraftHead::linear(const LinearArgs& a, bool int8) {
+  const at::Tensor& w = std::get<0>(a);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "DraftHead: weights must be bf16");
+  TORCH_CHECK(!int8 || amx_available(), "DraftHead: int8 layers need AMX tiles");
+  return DecoderStack::Linear{w, std::get<1>(a), std::get<2>(a), int8 ? amx_pack_int8(w) : std::vector<at::Tensor>{}};
 }
 
 at::Tensor DraftHead::logits(const at::Tensor& h, const at::Tensor& s) const {

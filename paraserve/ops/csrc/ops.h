@@ -33,6 +33,11 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::o
 bool amx_available();
 at::Tensor amx_pack_weight(const at::Tensor& w);
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+// The same with int8 weights and activations (amx_int8.cpp; approximate, for the drafter only):
+// amx_pack_int8(w [N, K], N % 32 == 0, K % 64 == 0) -> [packed, per-row scale float [N]].
+std::vector<at::Tensor> amx_pack_int8(const at::Tensor& w);
+at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias);
 
 // With residual: residual += x in place, then returns rms_norm(residual) * weight; without,
 // returns rms_norm(x) * weight. x, residual [T, H]; weight [H]. Rounds as the torch reference.
@@ -76,12 +81,14 @@ class DecoderStack {
                      const std::optional<at::Tensor>& extra_slots, const std::optional<at::Tensor>& extra_lens) const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // A linear layer on the CPU kernels: amx_linear with a packed weight, else small_m_linear.
+  // A linear layer on the CPU kernels: amx_linear with a packed weight, else small_m_linear;
+  // amx_int8_linear where int8 holds amx_pack_int8's [packed, scale] (drafter layers only).
   struct Linear {
     at::Tensor weight;
     std::optional<at::Tensor> packed, bias;
+    std::vector<at::Tensor> int8 = {};
     at::Tensor operator()(const at::Tensor& x) const;
-    Linear without_bias() const { return Linear{weight, packed, std::nullopt}; }
+    Linear without_bias() const { return Linear{weight, packed, std::nullopt, int8}; }
   };
 
  private:
@@ -104,15 +111,17 @@ class DecoderStack {
 class DraftHead {
  public:
   using LinearArgs = DecoderStack::LinearArgs;
+  // int8_head, int8_layers: run the vocabulary projection, the other layers, on amx_int8_linear
   DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
-            const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks, const LinearArgs& lm_head);
+            const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks, const LinearArgs& lm_head,
+            bool int8_head, bool int8_layers);
   // h [B, H], last_tokens [B] -> [final beams' base token ids [B, W, n], their per-token log-probs
   // [B, W, n], visited [B, n * W, n] (-1 padded), visited log-probs [B, n * W]]: redrafter.Beams.
   std::vector<at::Tensor> beam_search(const at::Tensor& h, const at::Tensor& last_tokens, int64_t width,
                                       int64_t length, double min_logprob) const;
 
  private:
-  static DecoderStack::Linear linear(const LinearArgs& a);
+  static DecoderStack::Linear linear(const LinearArgs& a, bool int8);
   at::Tensor logits(const at::Tensor& h, const at::Tensor& s) const;
   at::Tensor embed_, token_ids_;
   DecoderStack::Linear rnn_w_, rnn_u_, lm_head_;

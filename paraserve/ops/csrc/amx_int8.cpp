@@ -1,0 +1,157 @@
+// x [M, K] @ w[N, K]^T with int8 weights and int8 activations on AMX tiles (TDPBSSD), for the
+// drafter's layers (draft_head.cpp) only: a beam search reads its ~13 MB of weights once a step,
+// and at a few rows that read is the whole cost, so halving the bytes halves the search. Drafts
+// need not be exact (verification decides what is emitted); the base model never takes this.
+//
+// Quantization is symmetric: w row n by scale_w[n] = max|w[n, :]| / 127 (once, at packing), x
+// row m by max|x[m, :]| / 127 (each call); out = int32 sum * scale_x[m] * scale_w[n], in bf16.
+// The packed layout mirrors amx_gemm.cpp's: panels of 32 output columns, each a run over K of
+// two 16-column tiles in the int8 VNNI layout [k / 4][n][k % 4].
+#include "amx.h"
+#include "ops.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace paraserve {
+
+constexpr int64_t kInt8Panel = 32;  // output columns per panel: two tiles of 16
+constexpr int64_t kInt8KBlock = 64;  // int8 elements of K per tile row (64 bytes)
+
+#if defined(PARASERVE_AMX) && defined(__AMX_INT8__)
+#define PARASERVE_AMX_INT8 1
+namespace {
+
+constexpr int64_t kTileBytes = 16 * kInt8KBlock;  // one B tile
+constexpr int64_t kPrefetchSteps = 4;
+
+// Tiles: 0 = x rows (up to 16), 2, 3 = the panel's two column tiles, 4, 5 = their int32 sums.
+void configure(int64_t rows) {
+  amx::TileConfig c;
+  c.rows[0] = c.rows[4] = c.rows[5] = static_cast<uint8_t>(rows);
+  c.colsb[0] = c.colsb[4] = c.colsb[5] = 64;
+  c.rows[2] = c.rows[3] = 16;
+  c.colsb[2] = c.colsb[3] = 64;
+  _tile_loadconfig(&c);
+}
+
+// Row m of x (bf16 [M, K], K % 16 == 0) -> xq[m] int8 and its scale sx[m].
+void quantize_rows(const at::BFloat16* x, int64_t M, int64_t K, int8_t* xq, float* sx) {
+  auto load16 = [](const at::BFloat16* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    const at::BFloat16* row = x + m * K;
+    __m512 mx = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(load16(row + k)));
+    const float amax = _mm512_reduce_max_ps(mx);
+    sx[m] = amax > 0 ? amax / 127.0f : 1.0f;
+    const __m512 inv = _mm512_set1_ps(amax > 0 ? 127.0f / amax : 0.0f);
+    for (int64_t k = 0; k < K; k += 16) {  // round to nearest even, saturate to [-127, 127]
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load16(row + k), inv));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(xq + m * K + k),
+                       _mm512_cvtsepi32_epi8(_mm512_max_epi32(q, _mm512_set1_epi32(-127))));
+    }
+  }
+}
+
+void run(const int8_t* xq, const float* sx, const int8_t* wp, const float* sw, const at::BFloat16* bias,
+         at::BFloat16* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t panels = N / kInt8Panel, kb_count = K / kInt8KBlock, panel_bytes = K * kInt8Panel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    alignas(64) int32_t buf[16 * kInt8Panel];
+    int64_t configured = -1;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int8_t* w = wp + p * panel_bytes;
+      const int8_t* next = wp + std::min(p + 1, panels - 1) * panel_bytes;
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        const int64_t rows = std::min<int64_t>(16, M - m0);
+        if (rows != configured) {
+          configure(rows);
+          configured = rows;
+        }
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int64_t kb = 0; kb < kb_count; ++kb) {
+          const int64_t ahead = kb + kPrefetchSteps;
+          const int8_t* pf = ahead < kb_count ? w + ahead * 2 * kTileBytes
+                                              : next + std::min(ahead - kb_count, kb_count - 1) * 2 * kTileBytes;
+          for (int64_t line = 0; line < 2 * kTileBytes; line += 64) _mm_prefetch(pf + line, _MM_HINT_T0);
+          _tile_loadd(0, xq + m0 * K + kb * kInt8KBlock, K);
+          _tile_loadd(2, w + kb * 2 * kTileBytes, 64);
+          _tile_loadd(3, w + kb * 2 * kTileBytes + kTileBytes, 64);
+          _tile_dpbssd(4, 0, 2);
+          _tile_dpbssd(5, 0, 3);
+        }
+        _tile_stored(4, buf, kInt8Panel * 4);
+        _tile_stored(5, buf + 16, kInt8Panel * 4);
+        const __m512 w0 = _mm512_loadu_ps(sw + p * kInt8Panel), w1 = _mm512_loadu_ps(sw + p * kInt8Panel + 16);
+        __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
+        if (bias) {  // bf16 -> float32: shift into the top half
+          const at::BFloat16* b = bias + p * kInt8Panel;
+          b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)b)), 16));
+          b1 = _mm512_castsi512_ps(
+              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + 16))), 16));
+        }
+        for (int64_t m = 0; m < rows; ++m) {
+          const __m512 s = _mm512_set1_ps(sx[m0 + m]);
+          const __m512 lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + m * kInt8Panel)),
+                                            _mm512_mul_ps(w0, s), b0);
+          const __m512 hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(buf + m * kInt8Panel + 16)),
+                                            _mm512_mul_ps(w1, s), b1);
+          _mm512_storeu_si512(out + (m0 + m) * N + p * kInt8Panel, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        }
+      }
+    }
+    if (configured >= 0) _tile_release();
+  });
+}
+
+}  // namespace
+#endif
+
+std::vector<at::Tensor> amx_pack_int8(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2 && w.is_floating_point(), "amx_pack_int8 expects a float [N, K] weight");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(N % kInt8Panel == 0 && K % kInt8KBlock == 0, "amx_pack_int8 needs N % 32 == 0 and K % 64 == 0, got [",
+              N, ", ", K, "]");
+  const at::Tensor wf = w.to(at::kFloat);
+  const at::Tensor scale = (wf.abs().amax(1) / 127.0f).clamp_min(1e-30f);  // [N]
+  const at::Tensor q = (wf / scale.unsqueeze(1)).round().clamp(-127, 127).to(at::kChar);
+  // [panel][n in 32][kb][r in 16][4] -> [panel][kb][tile in 2][r][n in 16][4]
+  const at::Tensor packed =
+      q.view({N / kInt8Panel, 2, 16, K / kInt8KBlock, 16, 4}).permute({0, 3, 1, 4, 2, 5}).contiguous();
+  return {packed, scale.contiguous()};
+}
+
+at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "amx_int8_linear: this CPU or kernel offers no AMX tiles");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16,
+              "amx_int8_linear: x must be bf16 [M, K]");
+  TORCH_CHECK(packed.dim() == 6 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
+              "amx_int8_linear: packed must come from amx_pack_int8");
+  const int64_t N = packed.size(0) * kInt8Panel, K = packed.size(1) * kInt8KBlock, M = x.size(0);
+  TORCH_CHECK(x.size(1) == K, "amx_int8_linear: x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N, "amx_int8_linear: scale must be float [N]");
+  TORCH_CHECK(!bias || (bias->numel() == N && bias->scalar_type() == at::kBFloat16),
+              "amx_int8_linear: bias must be bf16 [N]");
+  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kBFloat16));
+#if defined(PARASERVE_AMX_INT8)
+  if (M > 0) {
+    const at::Tensor xc = x.contiguous();
+    std::vector<int8_t> xq(M * K);
+    std::vector<float> sx(M);
+    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), sx.data());
+    const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
+    run(xq.data(), sx.data(), packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
+        bc ? bc->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), M, N, K);
+  }
+#endif
+  return out;
+}
+
+}  // namespace paraserve
