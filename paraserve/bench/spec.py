@@ -273,6 +273,9 @@ def run(args: argparse.Namespace) -> Report:
             # and the identity check would compare two different computations, not speculation
             llm = common.make_llm(args, speculative_config=configs[method], enable_prefix_caching=False)
             used[method] = dataclasses.asdict(llm.engine.config.speculative)
+            proposer = getattr(getattr(getattr(llm.engine.worker, "runner", None), "spec", None), "proposer", None)
+            if hasattr(proposer, "int8"):  # the default None resolved (in-process workers only)
+                used[method]["drafter_int8"] = proposer.int8
             machine = machine_info(common.dtype_name(llm.engine.worker.dtype), llm.engine.model_name)
             runs += _measure_method(llm, method, texts, args, bar)
             del llm

@@ -262,8 +262,8 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
                              "and an unsharded embedding table")
         return None
     if int8 is None:
-        int8 = cpu.amx_available() and _int8_shapes(drafter)
-    elif int8 and not (cpu.amx_available() and _int8_shapes(drafter)):
+        int8 = int8_applies(drafter)
+    elif int8 and not int8_applies(drafter):
         raise ValueError("drafter_int8 needs a CPU with AMX tiles (Intel Sapphire Rapids or later) and a drafter "
                          "whose layer sizes are multiples of 64 (inputs) and 32 (outputs)")
 
@@ -276,10 +276,13 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
                              [args(b.linear) for b in drafter.blocks], args(drafter.lm_head), int8, int8)
 
 
-def _int8_shapes(drafter: ReDrafter) -> bool:
-    """Every layer fits amx_int8_linear's tiles: in_features % 64, out_features % 32."""
-    return all(m.in_features % 64 == 0 and m.out_features % 32 == 0
-               for m in drafter.modules() if isinstance(m, DraftLinear))
+def int8_applies(drafter: ReDrafter) -> bool:
+    """The CPU has AMX tiles and every layer fits amx_int8_linear's: in_features % 64 and
+    out_features % 32 (drafter_int8's default)."""
+    from paraserve.ops import cpu
+
+    return cpu.amx_available() and all(m.in_features % 64 == 0 and m.out_features % 32 == 0
+                                       for m in drafter.modules() if isinstance(m, DraftLinear))
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -380,6 +383,7 @@ class ReDrafterProposer(Proposer):
         self.embed: Embed = model.embed_tokens
         # None: the torch search; int8 None: int8 layers where the CPU has AMX (compiled_head)
         self.head = compiled_head(self.drafter, model.embed_tokens, int8)
+        self.int8 = self.head is not None and (int8_applies(self.drafter) if int8 is None else int8)
         self.beam_width = beam_width
         self.beam_length = beam_length
         # a drafted token is verified only while the drafter gives its beam prefix at least this

@@ -613,4 +613,4 @@ def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatc
     with pytest.raises(ValueError, match="multiples of 64"):
         odd = ReDrafter(ReDrafterConfig("base", vocab, 40)).to(torch.bfloat16).eval().pack()
         compiled_head(odd, nn.Embedding(vocab, 40).to(torch.bfloat16), True)
-    assert redrafter._int8_shapes(drafter)
+    assert redrafter.int8_applies(drafter)
