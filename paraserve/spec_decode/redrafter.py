@@ -273,7 +273,7 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
 
     return kernels.DraftHead(weight.contiguous(), drafter.token_ids, args(drafter.rnn_w), args(drafter.rnn_u),
                              args(drafter.proj) if drafter.proj is not None else None,
-                             [args(b.linear) for b in drafter.blocks], args(drafter.lm_head), int8, int8)
+                             [args(b.linear) for b in drafter.blocks], args(drafter.lm_head), int8)
 
 
 def int8_applies(drafter: ReDrafter) -> bool:

@@ -41,9 +41,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DraftHead>(m, "DraftHead")
       .def(py::init<at::Tensor, at::Tensor, const DraftHead::LinearArgs&, const DraftHead::LinearArgs&,
                     const std::optional<DraftHead::LinearArgs>&, const std::vector<DraftHead::LinearArgs>&,
-                    const DraftHead::LinearArgs&, bool, bool>(),
+                    const DraftHead::LinearArgs&, bool>(),
            py::arg("embed"), py::arg("token_ids"), py::arg("rnn_w"), py::arg("rnn_u"), py::arg("proj"),
-           py::arg("blocks"), py::arg("lm_head"), py::arg("int8_head") = false, py::arg("int8_layers") = false)
+           py::arg("blocks"), py::arg("lm_head"), py::arg("int8") = false)
       .def("beam_search", &DraftHead::beam_search, py::arg("h"), py::arg("last_tokens"), py::arg("width"),
            py::arg("length"), py::arg("min_logprob"), nogil);
   m.attr("HEAD_DIM_MULTIPLE") = kLanes;

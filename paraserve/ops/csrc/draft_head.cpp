@@ -196,14 +196,14 @@ void rows_lse_and_top(const at::Tensor& logits, int64_t k, std::vector<float>& l
 
 DraftHead::DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
                      const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks,
-                     const LinearArgs& lm_head, bool int8_head, bool int8_layers)
-    : embed_(std::move(embed)), token_ids_(token_ids.contiguous()), rnn_w_(linear(rnn_w, int8_layers)),
-      rnn_u_(linear(rnn_u, int8_layers)), lm_head_(linear(lm_head, int8_head)) {
+                     const LinearArgs& lm_head, bool int8)
+    : embed_(std::move(embed)), token_ids_(token_ids.contiguous()), rnn_w_(linear(rnn_w, int8)),
+      rnn_u_(linear(rnn_u, int8)), lm_head_(linear(lm_head, int8)) {
   TORCH_CHECK(embed_.dim() == 2 && embed_.scalar_type() == at::kBFloat16 && embed_.is_contiguous(),
               "DraftHead: embed must be a contiguous bf16 [V, H]");
   TORCH_CHECK(token_ids_.dim() == 1 && token_ids_.scalar_type() == at::kLong, "DraftHead: token_ids must be int64 [Vd]");
-  if (proj) proj_ = linear(*proj, int8_layers);
-  for (const LinearArgs& b : blocks) blocks_.push_back(linear(b, int8_layers));
+  if (proj) proj_ = linear(*proj, int8);
+  for (const LinearArgs& b : blocks) blocks_.push_back(linear(b, int8));
 }
 
 DecoderStack::Linear DraftHead::linear(const LinearArgs& a, bool int8) {

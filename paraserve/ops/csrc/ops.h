@@ -111,10 +111,10 @@ class DecoderStack {
 class DraftHead {
  public:
   using LinearArgs = DecoderStack::LinearArgs;
-  // int8_head, int8_layers: run the vocabulary projection, the other layers, on amx_int8_linear
+  // int8: every layer on amx_int8_linear (redrafter.compiled_head's drafter_int8)
   DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& rnn_w, const LinearArgs& rnn_u,
             const std::optional<LinearArgs>& proj, const std::vector<LinearArgs>& blocks, const LinearArgs& lm_head,
-            bool int8_head, bool int8_layers);
+            bool int8);
   // h [B, H], last_tokens [B] -> [final beams' base token ids [B, W, n], their per-token log-probs
   // [B, W, n], visited [B, n * W, n] (-1 padded), visited log-probs [B, n * W]]: redrafter.Beams.
   std::vector<at::Tensor> beam_search(const at::Tensor& h, const at::Tensor& last_tokens, int64_t width,
