@@ -9,6 +9,7 @@
 // two 16-column tiles in the int8 VNNI layout [k / 4][n][k % 4].
 #include "amx.h"
 #include "ops.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -40,9 +41,7 @@ void configure(int64_t rows) {
 
 // Row m of x (bf16 [M, K], K % 16 == 0) -> xq[m] int8 and its scale sx[m].
 void quantize_rows(const at::BFloat16* x, int64_t M, int64_t K, int8_t* xq, float* sx) {
-  auto load16 = [](const at::BFloat16* p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-  };
+  auto load16 = [](const at::BFloat16* p) { return (__m512)load(p); };  // vec.h: bf16 -> float32
   for (int64_t m = 0; m < M; ++m) {
     const at::BFloat16* row = x + m * K;
     __m512 mx = _mm512_setzero_ps();
@@ -90,11 +89,9 @@ void run(const int8_t* xq, const float* sx, const int8_t* wp, const float* sw, c
         _tile_stored(5, buf + 16, kInt8Panel * 4);
         const __m512 w0 = _mm512_loadu_ps(sw + p * kInt8Panel), w1 = _mm512_loadu_ps(sw + p * kInt8Panel + 16);
         __m512 b0 = _mm512_setzero_ps(), b1 = _mm512_setzero_ps();
-        if (bias) {  // bf16 -> float32: shift into the top half
-          const at::BFloat16* b = bias + p * kInt8Panel;
-          b0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)b)), 16));
-          b1 = _mm512_castsi512_ps(
-              _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(b + 16))), 16));
+        if (bias) {
+          b0 = (__m512)load(bias + p * kInt8Panel);
+          b1 = (__m512)load(bias + p * kInt8Panel + 16);
         }
         for (int64_t m = 0; m < rows; ++m) {
           const __m512 s = _mm512_set1_ps(sx[m0 + m]);
