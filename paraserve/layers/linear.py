@@ -39,43 +39,44 @@ def split_heads(num_heads: int, num_kv_heads: int, tp: int) -> tuple[int, int, i
 
 
 class Packed(NamedTuple):
-    """A bf16 CPU weight prepacked for its GEMM: `amx` True is amx_pack_weight's tile layout
-    (every M runs on AMX tiles), False oneDNN's blocked layout (larger M only)."""
-    amx: bool
+    """A bf16 CPU weight prepacked for its GEMM: `panels` True is amx_pack_weight's panel layout
+    (every M runs on panel_linear: AMX tiles or AVX-512 BF16 vectors), False oneDNN's blocked
+    layout (larger M only)."""
+    panels: bool
     data: torch.Tensor
 
 
 def pack_weight(weight: torch.Tensor) -> Optional[Packed]:
-    """bf16 on CPU: the weight prepacked once. With AMX (and N, K multiples of 32) the tile layout,
-    used for every M: a few rows cost what one does (the weight stream is the bound) and each
-    row's result is independent of the batch around it. Otherwise oneDNN's blocked layout (what
-    inductor's freezing does), ~1.4x faster than the plain layout where M is large. None where
-    neither applies."""
+    """bf16 on CPU: the weight prepacked once. Where the CPU has AMX or AVX-512 BF16 (and N, K are
+    multiples of 32) the panel layout, used for every M: ten rows cost what one does (the weight
+    stream is the bound), each row's result is independent of the batch around it, and large M
+    runs at oneDNN's speed or better. Otherwise oneDNN's blocked layout (what inductor's freezing
+    does), ~1.4x faster than the plain layout where M is large. None where neither applies."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return None
-    if amx_fits(weight):
+    if panels_fit(weight):
         return Packed(True, cpu.kernels().amx_pack_weight(weight.data))
     if torch.backends.mkldnn.is_available():
         return Packed(False, torch.ops.mkldnn._reorder_linear_weight(weight.data, 64))
     return None
 
 
-def amx_fits(weight: torch.Tensor) -> bool:
+def panels_fit(weight: torch.Tensor) -> bool:
     n, k = weight.shape
-    return n % 32 == 0 and k % 32 == 0 and cpu.amx_available()
+    return n % 32 == 0 and k % 32 == 0 and cpu.panels_available()
 
 
 def packed_linear(x: torch.Tensor, weight: torch.Tensor, packed: Optional[Packed],
                   bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """x [M, K] @ weight.T (+ bias). AMX-packed weights take the tile kernel for every M. Else a
+    """x [M, K] @ weight.T (+ bias). Panel-packed weights take panel_linear for every M. Else a
     decode step's few rows stream the plain weight through the small-M CPU kernel (memory-bound;
     oneDNN reads it at half the bandwidth) and larger M uses oneDNN's packed weight."""
     if packed is not None and x.dim() == 2:
-        if packed.amx and x.dtype == torch.bfloat16:
-            return cpu.kernels().amx_linear(x, packed.data, bias)
+        if packed.panels and x.dtype == torch.bfloat16:
+            return cpu.kernels().panel_linear(x, packed.data, bias)
     if x.dim() == 2 and x.shape[0] <= cpu.SMALL_M_MAX and cpu.applies(x, weight):
         return cpu.kernels().small_m_linear(x, weight, bias)
-    if packed is not None and not packed.amx and x.dim() == 2:
+    if packed is not None and not packed.panels and x.dim() == 2:
         return torch.ops.mkldnn._linear_pointwise(x, packed.data, bias, "none", [], "")
     return F.linear(x, weight, bias)
 

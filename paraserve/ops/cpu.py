@@ -21,14 +21,14 @@ import torch
 logger = logging.getLogger("paraserve")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "amx_int8.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
+_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "amx_int8.cpp", "bf16_gemm.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
-# Up to this many rows a linear layer without an AMX-packed weight uses small_m_linear, whose rows
+# Up to this many rows a linear layer without a panel-packed weight uses small_m_linear, whose rows
 # are computed alike whatever M is: a draft tree verified in one step (up to 1 + width x length
 # rows) then gets the same numbers as decoding its tokens one by one, so bf16 greedy output does
 # not change with speculation. Below ~8 rows it is also ~2x faster than oneDNN; near 32 the two
-# are on par. AMX-packed weights (amx_gemm.cpp) are row-invariant at every M.
+# are on par. Panel-packed weights (panel_linear) are row-invariant at every M.
 SMALL_M_MAX = 32
 
 
@@ -89,6 +89,13 @@ def amx_available() -> bool:
     """The kernels are built with AMX tiles and this CPU and kernel grant them (amx_gemm.cpp)."""
     k = kernels()
     return k is not None and k.amx_available()
+
+
+@functools.cache
+def panels_available() -> bool:
+    """panel_linear runs here: AMX tiles (amx_gemm.cpp) or AVX-512 BF16 vectors (bf16_gemm.cpp)."""
+    k = kernels()
+    return k is not None and (k.amx_available() or k.avx512_bf16_available())
 
 
 def applies(*tensors: torch.Tensor) -> bool:

@@ -268,7 +268,7 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
                          "whose layer sizes are multiples of 64 (inputs) and 32 (outputs)")
 
     def args(layer: DraftLinear):
-        packed = layer.packed.data if layer.packed is not None and layer.packed.amx else None
+        packed = layer.packed.data if layer.packed is not None and layer.packed.panels else None
         return layer.weight, packed, layer.bias
 
     return kernels.DraftHead(weight.contiguous(), drafter.token_ids, args(drafter.rnn_w), args(drafter.rnn_u),

@@ -8,7 +8,8 @@ as it turns CUDA graphs off in vLLM.
 
 It takes a step when every query is a decode token or a draft-tree node (prefill chunks keep the
 module path, whose attention is SDPA) and every linear layer would run one of the stack's two
-kernels: AMX tiles for packed weights, the few-row kernel otherwise (at most SMALL_M_MAX rows).
+kernels: panel_linear for panel-packed weights (AMX tiles or AVX-512 BF16), the few-row kernel
+otherwise (at most SMALL_M_MAX rows).
 Models it does not know (MoE blocks, tensor or context parallel shards, other backends) always
 take the module path.
 """
@@ -30,10 +31,10 @@ logger = logging.getLogger("paraserve")
 
 
 class DecodeStack:
-    def __init__(self, model: LlamaForCausalLM, stack, all_amx: bool) -> None:
+    def __init__(self, model: LlamaForCausalLM, stack, all_panels: bool) -> None:
         self.model = model
         self.stack = stack
-        self.max_rows = None if all_amx else cpu.SMALL_M_MAX  # the few-row kernel's limit
+        self.max_rows = None if all_panels else cpu.SMALL_M_MAX  # the few-row kernel's limit
 
     @classmethod
     def build(cls, model: torch.nn.Module) -> Optional["DecodeStack"]:
@@ -53,7 +54,7 @@ class DecodeStack:
                             _linear(mlp.down_proj), a.q_norm.weight if a.q_norm is not None else None,
                             a.k_norm.weight if a.k_norm is not None else None, a.attn.kv_cache)
         linears = [m for m in model.layers.modules() if isinstance(m, LinearBase)]
-        return cls(model, stack, all(_amx(m) for m in linears))
+        return cls(model, stack, all(_panels(m) for m in linears))
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata) -> Optional[torch.Tensor]:
         """Final hidden states [T, hidden] of a decode step, or None: the step is not one the stack
@@ -101,11 +102,11 @@ def _unsupported(model: torch.nn.Module) -> Optional[str]:
     return None
 
 
-def _amx(linear: LinearBase) -> bool:
+def _panels(linear: LinearBase) -> bool:
     packed = getattr(linear, "packed", None)
-    return packed is not None and packed.amx
+    return packed is not None and packed.panels
 
 
 def _linear(linear: LinearBase) -> tuple:
-    """(weight, AMX-packed weight or None, bias or None): what packed_linear would run."""
-    return linear.weight, linear.packed.data if _amx(linear) else None, linear.bias
+    """(weight, panel-packed weight or None, bias or None): what packed_linear would run."""
+    return linear.weight, linear.packed.data if _panels(linear) else None, linear.bias

@@ -50,37 +50,45 @@ def test_small_m_linear_reads_a_strided_x_and_rejects_mismatches():
 
 
 amx = pytest.mark.skipif(not cpu.amx_available(), reason="no AMX tiles on this CPU")
+# the two kernels that read amx_pack_weight's panel layout, each where this CPU runs it
+PANEL_KERNELS = [
+    pytest.param("amx_linear", marks=amx),
+    pytest.param("bf16_panel_linear", marks=pytest.mark.skipif(
+        cpu.kernels() is None or not cpu.kernels().avx512_bf16_available(), reason="no AVX-512 BF16 in this build")),
+]
 
 
-@amx
-@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 960, False), (5, 64, 96, True), (16, 1536, 576, True),
+@pytest.mark.parametrize("kernel", PANEL_KERNELS)
+@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 960, False), (5, 64, 96, True), (12, 1536, 576, True),
                                            (17, 32, 64, False), (33, 576, 3072, True), (100, 96, 64, True)])
-def test_amx_linear_matches_linear_and_rows_do_not_depend_on_the_batch(m, k, n, bias):
+def test_panel_linear_matches_linear_and_rows_do_not_depend_on_the_batch(kernel, m, k, n, bias):
     torch.manual_seed(m * n)
+    run = getattr(cpu.kernels(), kernel)
     x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
     b = torch.randn(n, dtype=torch.bfloat16) if bias else None
     packed = cpu.kernels().amx_pack_weight(w)
-    got = cpu.kernels().amx_linear(x, packed, b)
+    got = run(x, packed, b)
     ref = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert ((got.double() - ref).abs().max() / ref.abs().max()) < 8e-3  # float32 sums, one bf16 rounding
     # each row alone, and the rows in another batch, give the same bits: a draft tree verified in
     # one step matches decoding its tokens one by one
     for i in {0, m // 2, m - 1}:
-        assert torch.equal(cpu.kernels().amx_linear(x[i:i + 1].clone(), packed, b)[0], got[i])
-    assert torch.equal(cpu.kernels().amx_linear(x.flip(0), packed, b), got.flip(0))
+        assert torch.equal(run(x[i:i + 1].clone(), packed, b)[0], got[i])
+    assert torch.equal(run(x.flip(0), packed, b), got.flip(0))
 
 
-@amx
-def test_amx_linear_reads_a_strided_x_and_rejects_what_it_cannot_pack():
+@pytest.mark.parametrize("kernel", PANEL_KERNELS)
+def test_panel_linear_reads_a_strided_x_and_rejects_what_it_cannot_pack(kernel):
+    run = getattr(cpu.kernels(), kernel)
     w = torch.randn(64, 32, dtype=torch.bfloat16)
-    x = torch.randn(3, 64, dtype=torch.bfloat16)[:, :32]
-    got = cpu.kernels().amx_linear(x, cpu.kernels().amx_pack_weight(w), None)
-    torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=0.1, rtol=1e-2)
+    for x in (torch.randn(3, 64, dtype=torch.bfloat16)[:, :32], torch.randn(3, 65, dtype=torch.bfloat16)[:, 1:33]):
+        got = run(x, cpu.kernels().amx_pack_weight(w), None)
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float()), atol=0.1, rtol=1e-2)
     with pytest.raises(RuntimeError, match="N % 32"):
         cpu.kernels().amx_pack_weight(torch.randn(40, 32, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="columns"):
-        cpu.kernels().amx_linear(torch.randn(2, 64, dtype=torch.bfloat16), cpu.kernels().amx_pack_weight(w), None)
+        run(torch.randn(2, 64, dtype=torch.bfloat16), cpu.kernels().amx_pack_weight(w), None)
 
 
 def int8_rows(t: torch.Tensor, by_inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,13 +120,13 @@ def test_amx_int8_linear_is_the_product_of_the_row_quantized_operands(m, k, n, b
         cpu.kernels().amx_pack_int8(torch.randn(64, 32, dtype=torch.bfloat16))
 
 
-@amx
-def test_linear_layer_on_amx_gives_each_row_the_same_numbers_at_every_batch_size():
+@pytest.mark.skipif(not cpu.panels_available(), reason="neither AMX nor AVX-512 BF16 on this CPU")
+def test_linear_layer_on_panels_gives_each_row_the_same_numbers_at_every_batch_size():
     parallel_state.init_single_process()
     layer = linear.ReplicatedLinear(64, 96, bias=True).to(torch.bfloat16)
     torch.nn.init.normal_(layer.weight), torch.nn.init.normal_(layer.bias)
     layer.process_weights_after_loading()
-    assert layer.packed.amx
+    assert layer.packed.panels
     x = torch.randn(70, 64, dtype=torch.bfloat16)
     full = layer(x)
     for rows in (1, 7, cpu.SMALL_M_MAX, cpu.SMALL_M_MAX + 1):

@@ -17,6 +17,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "AMX tiles built in and granted by the OS");
   m.def("amx_pack_weight", &amx_pack_weight, "bf16 w [N, K] -> the tile layout amx_linear reads");
   m.def("amx_linear", &amx_linear, "(x, packed, bias or None) -> x @ w.T (+ bias) on AMX tiles", nogil);
+  m.def("avx512_bf16_available", &avx512_bf16_available, "built with AVX-512 BF16 (bf16_panel_linear)");
+  m.def("bf16_panel_linear", &bf16_panel_linear,
+        "(x, amx_pack_weight(w), bias or None) -> x @ w.T (+ bias) on AVX-512 BF16 vectors", nogil);
+  m.def("panel_linear", &panel_linear, "amx_linear where the CPU has AMX, else bf16_panel_linear", nogil);
   m.def("amx_pack_int8", &amx_pack_int8, "w [N, K] -> [int8 tile layout, per-row scale] for amx_int8_linear");
   m.def("amx_int8_linear", &amx_int8_linear,
         "(x bf16, packed, scale, bias or None) -> x @ w.T (+ bias), int8 weights and activations on AMX", nogil);

@@ -33,6 +33,12 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::o
 bool amx_available();
 at::Tensor amx_pack_weight(const at::Tensor& w);
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+// The same on AVX-512 BF16 vectors for CPUs without AMX (bf16_gemm.cpp), reading amx_pack_weight's
+// layout; each row's result is independent of M here too. avx512_bf16_available(): built with it.
+// panel_linear: amx_linear where the CPU has AMX, else bf16_panel_linear.
+bool avx512_bf16_available();
+at::Tensor bf16_panel_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
+at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 // The same with int8 weights and activations (amx_int8.cpp; approximate, for the drafter only):
 // amx_pack_int8(w [N, K], N % 32 == 0, K % 64 == 0) -> [packed, per-row scale float [N]].
 std::vector<at::Tensor> amx_pack_int8(const at::Tensor& w);
@@ -66,7 +72,7 @@ at::Tensor sample_rows(const at::Tensor& probs, const at::Tensor& u);
 // node), layer after layer in C++ with the kernels above; decoder_stack.cpp.
 class DecoderStack {
  public:
-  // (weight [N, K], amx_pack_weight(weight) or None for small_m_linear, bias or None)
+  // (weight [N, K], amx_pack_weight(weight) for panel_linear or None for small_m_linear, bias or None)
   using LinearArgs = std::tuple<at::Tensor, std::optional<at::Tensor>, std::optional<at::Tensor>>;
 
   DecoderStack(int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps, double scale, at::Tensor cos,
@@ -81,7 +87,7 @@ class DecoderStack {
                      const std::optional<at::Tensor>& extra_slots, const std::optional<at::Tensor>& extra_lens) const;
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
-  // A linear layer on the CPU kernels: amx_linear with a packed weight, else small_m_linear;
+  // A linear layer on the CPU kernels: panel_linear with a packed weight, else small_m_linear;
   // amx_int8_linear where int8 holds amx_pack_int8's [packed, scale] (drafter layers only).
   struct Linear {
     at::Tensor weight;
