@@ -36,7 +36,6 @@ constexpr int64_t kBlockElems = kKBlock * kPanel;  // one K block of a panel: tw
 // Rows per pass over a panel (20 of the 32 vector registers accumulate). On Zen 4 a pass of 10
 // rows cost what one row does; 12 in one pass ran ~15% slower than two passes of 6.
 constexpr int64_t kMaxRows = 10;
-constexpr int64_t kPrefetchBytes = 2048;  // how far ahead of the loads the prefetch runs
 
 // Rows [0, MB) of x against one panel: K blocks of 16 pairs, each pair giving two vectors of w
 // (columns 0-15 from the first tile, 16-31 from the second); then bias, bf16 rounding, store.
@@ -49,9 +48,12 @@ void panel_rows(const at::BFloat16* x, int64_t ldx, const at::BFloat16* wp, cons
   const int64_t ldx_pairs = ldx / 2;
   for (int64_t kb = 0; kb < K / kKBlock; ++kb) {
     const at::BFloat16* w = wp + kb * kBlockElems;
-    const char* pf = reinterpret_cast<const char*>(w) + kPrefetchBytes;
+    // the next panel into L2, at the offset being read: hardware prefetch alone fell behind once
+    // a pass does more than a few rows' work per line (13-17 rows ran ~12% faster; a 2 KB prefetch
+    // into L1 was no faster at 1 row and 20% slower at 3)
+    const char* pf = reinterpret_cast<const char*>(w + K * kPanel);
     for (int64_t line = 0; line < kBlockElems * 2; line += 64) {
-      if (pf + line < prefetch_end) _mm_prefetch(pf + line, _MM_HINT_T0);
+      if (pf + line < prefetch_end) _mm_prefetch(pf + line, _MM_HINT_T1);
     }
     for (int64_t kp = 0; kp < kKBlock / 2; ++kp) {
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + kp * 32);
