@@ -202,9 +202,10 @@ class SpecConfig:
     # redrafter: also verify the prompt-lookup draft (method ngram's, cut to beam_length) as one
     # more beam of the tree; output is unchanged, copies from the context get accepted too
     lookup_beam: Optional[bool] = None  # default DEFAULT_LOOKUP_BEAM
-    # redrafter: run the drafter's layers with int8 weights and activations on AMX tiles
-    # (ops/csrc/amx_int8.cpp). Drafts only, so output is unchanged; the beam search reads half
-    # the bytes (1.4 -> 0.8 ms a search at batch 1). Default (None): on where the CPU has AMX.
+    # redrafter: run the drafter's layers with int8 weights and activations on AMX tiles or
+    # AVX-512 VNNI (ops/csrc/int8_gemm.cpp). Drafts only, so output is unchanged; the beam search
+    # reads half the bytes (on AMX 1.4 -> 0.8 ms a search at batch 1). Default (None): on where
+    # the CPU has AMX (with VNNI alone it was no faster: redrafter.compiled_head).
     drafter_int8: Optional[bool] = None
     # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3)
     prompt_lookup_min: Optional[int] = None

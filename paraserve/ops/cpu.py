@@ -21,7 +21,7 @@ import torch
 logger = logging.getLogger("paraserve")
 
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "amx_int8.cpp", "bf16_gemm.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
+_SOURCES = ["bindings.cpp", "paged_attention.cpp", "paged_attention_amx.cpp", "small_gemm.cpp", "amx_gemm.cpp", "int8_gemm.cpp", "bf16_gemm.cpp", "fused.cpp", "decoder_stack.cpp", "draft_head.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 DTYPES = (torch.float32, torch.bfloat16)
 # Up to this many rows a linear layer without a panel-packed weight uses small_m_linear, whose rows
@@ -96,6 +96,13 @@ def panels_available() -> bool:
     """panel_linear runs here: AMX tiles (amx_gemm.cpp) or AVX-512 BF16 vectors (bf16_gemm.cpp)."""
     k = kernels()
     return k is not None and (k.amx_available() or k.avx512_bf16_available())
+
+
+@functools.cache
+def int8_available() -> bool:
+    """int8_linear runs here (the drafter's drafter_int8): AMX tiles or AVX-512 VNNI (int8_gemm.cpp)."""
+    k = kernels()
+    return k is not None and k.int8_available()
 
 
 def applies(*tensors: torch.Tensor) -> bool:

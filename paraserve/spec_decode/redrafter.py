@@ -248,8 +248,10 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
     kernels, a drafter not in bf16 on CPU, or an embedding table that is not the whole
     vocabulary (tensor parallel shards it). Call after drafter.pack().
 
-    int8: its layers on int8 weights and activations (amx_int8.cpp; ~0.8 ms a search); None: where
-    the CPU has AMX tiles. True where that cannot run raises ValueError."""
+    int8: its layers on int8 weights and activations (int8_gemm.cpp: AMX tiles, or AVX-512 VNNI
+    where only that runs); None: where the CPU has AMX tiles (1.4 -> 0.8 ms a search there; with
+    VNNI on a Zen 4 drafting took 0.3 ms less a step but the int8 drafts were accepted a little
+    less often, no faster in all). True where neither runs raises ValueError."""
     from paraserve.ops import cpu
 
     weight = getattr(embed, "weight", None)
@@ -262,10 +264,11 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
                              "and an unsharded embedding table")
         return None
     if int8 is None:
-        int8 = int8_applies(drafter)
+        int8 = int8_default(drafter)
     elif int8 and not int8_applies(drafter):
-        raise ValueError("drafter_int8 needs a CPU with AMX tiles (Intel Sapphire Rapids or later) and a drafter "
-                         "whose layer sizes are multiples of 64 (inputs) and 32 (outputs)")
+        raise ValueError("drafter_int8 needs a CPU with AMX tiles or AVX-512 VNNI (Intel Sapphire Rapids, AMD "
+                         "Zen 4 or later) and a drafter whose layer sizes are multiples of 64 (inputs) and 32 "
+                         "(outputs)")
 
     def args(layer: DraftLinear):
         packed = layer.packed.data if layer.packed is not None and layer.packed.panels else None
@@ -277,12 +280,19 @@ def compiled_head(drafter: ReDrafter, embed: nn.Module, int8: Optional[bool] = F
 
 
 def int8_applies(drafter: ReDrafter) -> bool:
-    """The CPU has AMX tiles and every layer fits amx_int8_linear's: in_features % 64 and
-    out_features % 32 (drafter_int8's default)."""
+    """The CPU has AMX tiles or AVX-512 VNNI and every layer fits int8_linear's: in_features % 64
+    and out_features % 32 (drafter_int8 true can run)."""
     from paraserve.ops import cpu
 
-    return cpu.amx_available() and all(m.in_features % 64 == 0 and m.out_features % 32 == 0
-                                       for m in drafter.modules() if isinstance(m, DraftLinear))
+    return cpu.int8_available() and all(m.in_features % 64 == 0 and m.out_features % 32 == 0
+                                        for m in drafter.modules() if isinstance(m, DraftLinear))
+
+
+def int8_default(drafter: ReDrafter) -> bool:
+    """drafter_int8's default: on where the CPU has AMX tiles and the layers fit."""
+    from paraserve.ops import cpu
+
+    return cpu.amx_available() and int8_applies(drafter)
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -383,7 +393,7 @@ class ReDrafterProposer(Proposer):
         self.embed: Embed = model.embed_tokens
         # None: the torch search; int8 None: int8 layers where the CPU has AMX (compiled_head)
         self.head = compiled_head(self.drafter, model.embed_tokens, int8)
-        self.int8 = self.head is not None and (int8_applies(self.drafter) if int8 is None else int8)
+        self.int8 = self.head is not None and (int8_default(self.drafter) if int8 is None else int8)
         self.beam_width = beam_width
         self.beam_length = beam_length
         # a drafted token is verified only while the drafter gives its beam prefix at least this

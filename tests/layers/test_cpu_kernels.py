@@ -92,23 +92,30 @@ def test_panel_linear_reads_a_strided_x_and_rejects_what_it_cannot_pack(kernel):
 
 
 def int8_rows(t: torch.Tensor, by_inverse: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8 in float32 as amx_int8.cpp rounds it: values and scales (weights
+    """Symmetric per-row int8 in float32 as int8_gemm.cpp rounds it: values and scales (weights
     are divided by their scale, activations multiplied by 127 / max)."""
     amax = t.float().abs().amax(1, keepdim=True)
     q = t.float() * (127 / amax) if by_inverse else t.float() / (amax / 127)
     return q.round().clamp(-127, 127).double(), (amax / 127).double()
 
 
-@amx
+vnni = pytest.mark.skipif(cpu.kernels() is None or not cpu.kernels().vnni_int8_available(),
+                          reason="no AVX-512 VNNI in this build")
+INT8_KERNELS = [pytest.param("amx_int8_linear", marks=amx), pytest.param("vnni_int8_linear", marks=vnni)]
+
+
+@pytest.mark.parametrize("kernel", INT8_KERNELS)
 @pytest.mark.parametrize("m, k, n, bias", [(1, 576, 8192, False), (4, 64, 96, True), (16, 1152, 576, True),
                                            (21, 128, 64, True)])
-def test_amx_int8_linear_is_the_product_of_the_row_quantized_operands(m, k, n, bias):
+def test_int8_linear_is_the_product_of_the_row_quantized_operands(kernel, m, k, n, bias):
     torch.manual_seed(m + n)
+    run = getattr(cpu.kernels(), kernel)
     x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
     x[0, 3] = 9.0  # an outlier sets its row's scale
+    x[-1] = x[-1].abs()  # a row of one sign: the VNNI kernel's offset (128 * the row's sum) is large
     b = torch.randn(n, dtype=torch.bfloat16) if bias else None
     packed, scale = cpu.kernels().amx_pack_int8(w)
-    got = cpu.kernels().amx_int8_linear(x, packed, scale, b)
+    got = run(x, packed, scale, b)
     (xq, sx), (wq, sw) = int8_rows(x, by_inverse=True), int8_rows(w, by_inverse=False)
     # the int32 sums are exact: what remains is float32 scaling and one bf16 rounding
     ref = (xq @ wq.T) * sx * sw.T + (0 if b is None else b.double())
@@ -116,8 +123,21 @@ def test_amx_int8_linear_is_the_product_of_the_row_quantized_operands(m, k, n, b
     assert ((got.double() - ref).abs() <= ref.abs() * 2 ** -8 + 1e-3 * ref.abs().max()).all()
     exact = F.linear(x.double(), w.double(), None if b is None else b.double())
     assert (got.double() - exact).norm() / exact.norm() < 0.03  # what int8 costs
+    for i in {0, m // 2, m - 1}:  # exact int32 sums: a row's bits do not depend on the batch
+        assert torch.equal(run(x[i:i + 1].clone(), packed, scale, b)[0], got[i])
     with pytest.raises(RuntimeError, match="K % 64"):
         cpu.kernels().amx_pack_int8(torch.randn(64, 32, dtype=torch.bfloat16))
+
+
+@amx
+@vnni
+def test_the_int8_kernels_give_the_same_bits():
+    torch.manual_seed(0)
+    x, w = torch.randn(13, 1152, dtype=torch.bfloat16), torch.randn(576, 1152, dtype=torch.bfloat16)
+    b = torch.randn(576, dtype=torch.bfloat16)
+    packed, scale = cpu.kernels().amx_pack_int8(w)
+    assert torch.equal(cpu.kernels().amx_int8_linear(x, packed, scale, b),
+                       cpu.kernels().vnni_int8_linear(x, packed, scale, b))
 
 
 @pytest.mark.skipif(not cpu.panels_available(), reason="neither AMX nor AVX-512 BF16 on this CPU")

@@ -574,7 +574,7 @@ def test_compiled_beam_search_matches_a_reference(hidden, draft_vocab, project, 
 
 
 def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatch):
-    """drafter_int8: the compiled search with its layers on amx_int8_linear visits the beams the
+    """drafter_int8: the compiled search with its layers on int8_linear visits the beams the
     torch search visits when every DraftLinear runs that kernel (the kernel itself is checked in
     tests/layers/test_cpu_kernels.py); asking for it where it cannot run is a clear error."""
     from paraserve.ops import cpu
@@ -592,16 +592,20 @@ def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatc
             p.normal_(0, 0.15)
     drafter = drafter.to(torch.bfloat16).eval().requires_grad_(False).pack()
     embed = nn.Embedding(vocab, hidden).to(torch.bfloat16).requires_grad_(False)
-    if not cpu.amx_available():
+    assert redrafter.int8_default(drafter) == cpu.amx_available()  # default: on with AMX only
+    with monkeypatch.context() as m:  # a CPU with neither AMX nor VNNI
+        m.setattr(cpu, "int8_available", lambda: False)
+        m.setattr(cpu, "amx_available", lambda: False)
         assert compiled_head(drafter, embed, None) is not None  # the default falls back to bf16
-        with pytest.raises(ValueError, match="AMX"):
+        with pytest.raises(ValueError, match="AMX tiles or AVX-512 VNNI"):
             compiled_head(drafter, embed, True)
+    if not cpu.int8_available():
         return
     head = compiled_head(drafter, embed, True)
     k = cpu.kernels()
     int8 = {id(m): k.amx_pack_int8(m.weight) for m in drafter.modules() if isinstance(m, DraftLinear)}
     monkeypatch.setattr(DraftLinear, "forward",
-                        lambda self, x: k.amx_int8_linear(x.to(torch.bfloat16).contiguous(), *int8[id(self)], self.bias))
+                        lambda self, x: k.int8_linear(x.to(torch.bfloat16).contiguous(), *int8[id(self)], self.bias))
     h, last = torch.randn(5, hidden).bfloat16(), torch.randint(0, vocab, (5,))
     got = Beams(*head.beam_search(h, last, 4, 4, float("-inf")))
     with torch.no_grad():

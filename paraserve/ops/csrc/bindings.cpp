@@ -24,6 +24,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_pack_int8", &amx_pack_int8, "w [N, K] -> [int8 tile layout, per-row scale] for amx_int8_linear");
   m.def("amx_int8_linear", &amx_int8_linear,
         "(x bf16, packed, scale, bias or None) -> x @ w.T (+ bias), int8 weights and activations on AMX", nogil);
+  m.def("vnni_int8_linear", &vnni_int8_linear, "amx_int8_linear's product on AVX-512 VNNI (the same bits)", nogil);
+  m.def("vnni_int8_available", &vnni_int8_available, "built with AVX-512 VNNI (vnni_int8_linear)");
+  m.def("int8_available", &int8_available, "int8_linear runs here: AMX tiles or AVX-512 VNNI");
+  m.def("int8_linear", &int8_linear, "amx_int8_linear where the CPU has AMX, else vnni_int8_linear", nogil);
   m.def("rms_norm", &rms_norm, "(x, residual or None, weight, eps) -> normed; residual += x in place", nogil);
   m.def("rope_and_cache", &rope_and_cache,
         "(q, k, v, positions, cos, sin, kv_cache, slot_mapping): rotary in place, k/v into the cache", nogil);

@@ -10,7 +10,7 @@
 namespace paraserve {
 
 at::Tensor DecoderStack::Linear::operator()(const at::Tensor& x) const {
-  if (!int8.empty()) return amx_int8_linear(x, int8[0], int8[1], bias);
+  if (!int8.empty()) return int8_linear(x, int8[0], int8[1], bias);
   if (packed) return panel_linear(x, *packed, bias);
   return small_m_linear(x, weight, bias);
 }

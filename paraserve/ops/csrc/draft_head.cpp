@@ -209,7 +209,7 @@ DraftHead::DraftHead(at::Tensor embed, at::Tensor token_ids, const LinearArgs& r
 DecoderStack::Linear DraftHead::linear(const LinearArgs& a, bool int8) {
   const at::Tensor& w = std::get<0>(a);
   TORCH_CHECK(w.scalar_type() == at::kBFloat16, "DraftHead: weights must be bf16");
-  TORCH_CHECK(!int8 || amx_available(), "DraftHead: int8 layers need AMX tiles");
+  TORCH_CHECK(!int8 || int8_available(), "DraftHead: int8 layers need AMX tiles or AVX-512 VNNI");
   return DecoderStack::Linear{w, std::get<1>(a), std::get<2>(a), int8 ? amx_pack_int8(w) : std::vector<at::Tensor>{}};
 }
 

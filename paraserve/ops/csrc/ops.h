@@ -39,11 +39,19 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed, const std::
 bool avx512_bf16_available();
 at::Tensor bf16_panel_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
 at::Tensor panel_linear(const at::Tensor& x, const at::Tensor& packed, const std::optional<at::Tensor>& bias);
-// The same with int8 weights and activations (amx_int8.cpp; approximate, for the drafter only):
-// amx_pack_int8(w [N, K], N % 32 == 0, K % 64 == 0) -> [packed, per-row scale float [N]].
+// The same with int8 weights and activations (int8_gemm.cpp; approximate, for the drafter only):
+// amx_pack_int8(w [N, K], N % 32 == 0, K % 64 == 0) -> [packed, per-row scale float [N]], read
+// by AMX tiles or, without AMX, AVX-512 VNNI (the same bits); int8_linear picks the one this CPU
+// has, int8_available() says whether either is.
 std::vector<at::Tensor> amx_pack_int8(const at::Tensor& w);
 at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                            const std::optional<at::Tensor>& bias);
+bool vnni_int8_available();
+at::Tensor vnni_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& bias);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                       const std::optional<at::Tensor>& bias);
+inline bool int8_available() { return amx_available() || vnni_int8_available(); }
 
 // With residual: residual += x in place, then returns rms_norm(residual) * weight; without,
 // returns rms_norm(x) * weight. x, residual [T, H]; weight [H]. Rounds as the torch reference.
@@ -88,7 +96,7 @@ class DecoderStack {
   int64_t num_layers() const { return static_cast<int64_t>(layers_.size()); }
 
   // A linear layer on the CPU kernels: panel_linear with a packed weight, else small_m_linear;
-  // amx_int8_linear where int8 holds amx_pack_int8's [packed, scale] (drafter layers only).
+  // int8_linear where int8 holds amx_pack_int8's [packed, scale] (drafter layers only).
   struct Linear {
     at::Tensor weight;
     std::optional<at::Tensor> packed, bias;
