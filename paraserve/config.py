@@ -160,6 +160,28 @@ class ServerConfig:
 # (an earlier run: ReDrafter 1.23 / 1.00 / 0.81x on chat). 4 keeps the wins up to batch 4 (chat
 # about breaks even there) and stops before chat loses 15-25%.
 DEFAULT_SPEC_MAX_RUNNING = 4
+# Without AMX (a 2-core AMD EPYC, Zen 4: the weights' products cost what one row does up to ~10
+# rows, then ~0.5 ms a row), the same command with --methods redrafter and step_draft_budget 16
+# (benchmarks/results/spec-epyc.txt): ReDrafter batch 2: 1.03x / 1.55x, batch 4: 0.74x / 1.29x,
+# batch 8: 0.72x / 0.99x. Chat loses from batch 3 or 4, so speculation stops above 2 there.
+DEFAULT_SPEC_MAX_RUNNING_NO_AMX = 2
+
+
+def default_spec_max_running() -> int:
+    """disable_by_batch_size's default for this CPU (from its flags: no kernel build needed)."""
+    from paraserve.ops import cpu
+
+    return DEFAULT_SPEC_MAX_RUNNING if "amx_tile" in cpu.cpu_flags().split() else DEFAULT_SPEC_MAX_RUNNING_NO_AMX
+
+
+# Default SpecConfig.step_draft_budget: the draft trees of one step hold at most this many nodes
+# in all, shared evenly by the requests drafting. At batch 1 the trees rarely exceed it (~10
+# nodes on chat; a cap of 12 accepted exactly as many tokens); at batch 2-8 every node beyond the
+# first ~10 rows of a step costs the weights' products for one more row. Measured on the AMD EPYC
+# (speculation forced on, ReDrafter chat / code): unbounded batch 2: 0.92x / 1.22x, batch 4:
+# 0.52x / 0.73x, batch 8: 0.47x / 0.58x; with 16: 1.03x / 1.55x, 0.74x / 1.29x, 0.72x / 0.99x
+# (10 was within noise of 16). Not measured on AMX.
+DEFAULT_STEP_DRAFT_BUDGET = 16
 
 SPEC_METHODS = ("redrafter", "ngram")
 # ReDrafter's default min_draft_prob: with the shipped SmolLM2 drafter, 0.05 drafted ~10% faster
@@ -210,11 +232,15 @@ class SpecConfig:
     # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3)
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
-    disable_by_batch_size: int = DEFAULT_SPEC_MAX_RUNNING  # see DEFAULT_SPEC_MAX_RUNNING
+    # default: default_spec_max_running() (4 with AMX, 2 without; see DEFAULT_SPEC_MAX_RUNNING)
+    disable_by_batch_size: Optional[int] = None
     # a request's draft tree holds at most max(1, this / its context length) nodes (redrafter:
     # that many of the drafter's likeliest, and the lookup beam cut to that many tokens; ngram:
     # the draft cut to that many); 0: no bound. See DEFAULT_TREE_CONTEXT_BUDGET.
     tree_context_budget: Optional[int] = None
+    # a step's draft trees hold at most this many nodes in all, max(1, this / requests drafting)
+    # each (the likeliest, as with tree_context_budget); 0: no bound. See DEFAULT_STEP_DRAFT_BUDGET.
+    step_draft_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.method not in SPEC_METHODS:
@@ -225,10 +251,11 @@ class SpecConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(f"speculative-config: {name} must be an integer >= 1, got {value!r}")
+        for name in ("tree_context_budget", "step_draft_budget"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ConfigError(f"speculative-config: {name} must be an integer >= 0 (0: no bound), got {value!r}")
         b = self.tree_context_budget
-        if b is not None and (not isinstance(b, int) or isinstance(b, bool) or b < 0):
-            raise ConfigError(f"speculative-config: tree_context_budget must be an integer >= 0 "
-                              f"(0: no bound), got {b!r}")
         p = self.min_draft_prob
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1):
             raise ConfigError(f"speculative-config: min_draft_prob must be a number in [0, 1), got {p!r}")
@@ -242,7 +269,7 @@ class SpecConfig:
                  if getattr(self, n) is not None]
         if other:
             own = ["num_speculative_tokens", *_SPEC_ONLY[self.method], "prompt_lookup_min",
-                   "prompt_lookup_max", "disable_by_batch_size", "tree_context_budget"]
+                   "prompt_lookup_max", "disable_by_batch_size", "tree_context_budget", "step_draft_budget"]
             raise ConfigError(f"speculative-config: {', '.join(other)} is not an option of method "
                               f"{self.method!r} (its options: {', '.join(own)})")
         k = self.num_speculative_tokens
@@ -259,6 +286,10 @@ class SpecConfig:
             self._set(prompt_lookup_min=lo, prompt_lookup_max=hi)
         if b is None:
             self._set(tree_context_budget=DEFAULT_TREE_CONTEXT_BUDGET)
+        if self.step_draft_budget is None:
+            self._set(step_draft_budget=DEFAULT_STEP_DRAFT_BUDGET)
+        if self.disable_by_batch_size is None:
+            self._set(disable_by_batch_size=default_spec_max_running())
         if self.method == "redrafter":
             if k is not None and self.beam_length is not None and k != self.beam_length:
                 raise ConfigError(f"speculative-config: num_speculative_tokens ({k}) and beam_length "
@@ -303,7 +334,7 @@ class _SpecArg:
         None, "speculative decoding, a JSON object: {\"method\": \"ngram\" | \"redrafter\", "
               "\"num_speculative_tokens\", \"beam_width\", \"beam_length\", \"drafter_path\", "
               "\"min_draft_prob\", \"lookup_beam\", \"prompt_lookup_min\", \"prompt_lookup_max\", "
-              "\"disable_by_batch_size\", \"tree_context_budget\"} (default: off)")
+              "\"disable_by_batch_size\", \"tree_context_budget\", \"step_draft_budget\"} (default: off)")
 
 
 @dataclass(frozen=True)

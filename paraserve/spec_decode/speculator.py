@@ -36,6 +36,7 @@ class Speculator:
         self.vocab_size = vocab_size
         self.proposer = build_proposer(config, model, model_name)
         self.tree_context_budget = config.tree_context_budget
+        self.step_draft_budget = config.step_draft_budget
         # ReDrafter reads the base model's final hidden state at the row that chose the last token
         self.needs_hidden_states = config.method == "redrafter"
 
@@ -61,9 +62,18 @@ class Speculator:
     def max_nodes(self, token_ids: Sequence[list[int]]) -> Optional[list[int]]:
         """Per request, the most draft nodes its tree may hold: every node attends over the
         whole context, so a verification's extra attention grows as nodes x context length
-        (SpecConfig.tree_context_budget bounds that product). None: no bound."""
-        budget = self.tree_context_budget
-        return [max(1, budget // len(t)) for t in token_ids] if budget else None
+        (SpecConfig.tree_context_budget bounds that product), and every node is one more row of
+        the step's weight products (SpecConfig.step_draft_budget bounds the step's nodes, shared
+        evenly). None: no bound."""
+        context, step = self.tree_context_budget, self.step_draft_budget
+        if not context and not step:
+            return None
+        share = max(1, step // len(token_ids)) if step else None
+        bounds = []
+        for t in token_ids:
+            by_context = max(1, context // len(t)) if context else None
+            bounds.append(min(b for b in (by_context, share) if b is not None))
+        return bounds
 
     def verify(self, logits: torch.Tensor, trees: PackedTrees, rows: list[SamplingRow]) -> VerifyOutput:
         """logits: [T, V] raw logits of every tree node, flat, tree after tree in `trees`' order;

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from paraserve import LLM, SamplingParams
-from paraserve.config import DEFAULT_TREE_CONTEXT_BUDGET, ConfigError, SpecConfig
+from paraserve.config import DEFAULT_STEP_DRAFT_BUDGET, DEFAULT_TREE_CONTEXT_BUDGET, ConfigError, SpecConfig
 from paraserve.spec_decode.proposer import Draft, Proposer
 from paraserve.spec_decode.redrafter import ReDrafter, ReDrafterConfig, save_drafter
 
@@ -181,7 +181,7 @@ def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_di
     """Nodes x context length stays within tree_context_budget: at most max(1, budget //
     context) drafter nodes plus the lookup beam cut as short; 0 bounds nothing."""
     spec = {"method": "redrafter", "num_speculative_tokens": 3, "beam_width": 3,
-            "drafter_path": drafter_dir, "min_draft_prob": 0.0}
+            "drafter_path": drafter_dir, "min_draft_prob": 0.0, "step_draft_budget": 0}
     sizes = {}
     for budget in (100, 0):
         llm = _llm(tiny, {**spec, "tree_context_budget": budget})
@@ -191,6 +191,36 @@ def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_di
     assert all(n <= 2 * max(1, 100 // c) for c, n in sizes[100])
     assert any(n > 2 * max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
     assert any(c > 100 for c, _ in sizes[100])  # one drafter node and a lookup token
+
+
+def _step_tree_sizes(llm) -> list[list[int]]:
+    """Spy on the speculator: the draft nodes of each tree, per propose call (one per step)."""
+    spec, seen = llm.engine.worker.runner.spec, []
+    propose = spec.propose
+
+    def spy(token_ids, max_depths, hidden_states):
+        trees = propose(token_ids, max_depths, hidden_states)
+        seen.append([0 if tr is None else tr.num_nodes - 1 for tr in trees])
+        return trees
+
+    spec.propose = spy
+    return seen
+
+
+def test_step_draft_budget_shares_nodes_among_the_requests(tiny, reference, drafter_dir):
+    """A step's trees hold at most max(1, budget // requests drafting) drafter nodes each (plus the
+    lookup beam cut as short); 0 bounds nothing; output is unchanged."""
+    spec = {"method": "redrafter", "num_speculative_tokens": 3, "beam_width": 3,
+            "drafter_path": drafter_dir, "min_draft_prob": 0.0, "tree_context_budget": 0}
+    steps = {}
+    for budget in (6, 0):
+        llm = _llm(tiny, {**spec, "step_draft_budget": budget})
+        steps[budget] = _step_tree_sizes(llm)
+        outs, _ = _drive(llm, _prompts(), GREEDY)
+        assert _tokens(outs) == reference
+    assert all(n <= 2 * max(1, 6 // len(sizes)) for sizes in steps[6] for n in sizes)
+    assert any(len(sizes) >= 3 for sizes in steps[6])  # several requests shared the budget
+    assert any(n > 2 * max(1, 6 // len(sizes)) for sizes in steps[0] for n in sizes)  # the bound does cut
 
 
 def test_accepted_paths_off_the_first_beam_keep_their_kv(tiny, reference):
@@ -348,7 +378,8 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
                      ('{"method": "redrafter", "lookup_beam": false, "prompt_lookup_max": 4}',
                       "which lookup_beam false turns off"),
                      ('{"method": "ngram", "tree_context_budget": -1}', "tree_context_budget must be an integer >= 0"),
-                     ('{"method": "redrafter", "tree_context_budget": "4k"}', "tree_context_budget must be")]:
+                     ('{"method": "redrafter", "tree_context_budget": "4k"}', "tree_context_budget must be"),
+                     ('{"method": "ngram", "step_draft_budget": -2}', "step_draft_budget must be an integer >= 0")]:
         assert main(["generate", "--prompt", "hi", "--speculative-config", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error:") and err.count("\n") == 1 and msg in err, err
@@ -364,6 +395,17 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 3
     assert SpecConfig(method="ngram").tree_context_budget == DEFAULT_TREE_CONTEXT_BUDGET
     assert SpecConfig(method="ngram", tree_context_budget=0).tree_context_budget == 0
+    assert SpecConfig(method="ngram").step_draft_budget == DEFAULT_STEP_DRAFT_BUDGET
+    assert SpecConfig(method="ngram", disable_by_batch_size=3).disable_by_batch_size == 3
+
+
+@pytest.mark.parametrize("flags, expected", [("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", 4),
+                                             ("flags\t: fpu avx512f avx512_bf16 avx512_vnni", 2)])
+def test_disable_by_batch_size_default_follows_the_cpu(monkeypatch, flags, expected):
+    from paraserve.ops import cpu
+
+    monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
+    assert SpecConfig(method="redrafter").disable_by_batch_size == expected
 
 
 def test_cli_generate_and_api_opt_out(tiny, capsys):
