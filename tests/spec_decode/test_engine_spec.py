@@ -163,14 +163,15 @@ def test_greedy_identical_in_mixed_batches(tiny, reference, drafter_dir, method,
     assert _mixed_step(sched)
 
 
-def _tree_sizes(llm) -> list[tuple[int, int]]:
-    """Spy on the speculator: (context length, draft nodes) of every tree it proposes."""
+def _tree_sizes(llm) -> list[list[tuple[int, int]]]:
+    """Spy on the speculator: per propose call (one a step), each request's (context length,
+    draft nodes); 0 nodes where it got no tree."""
     spec, seen = llm.engine.worker.runner.spec, []
     propose = spec.propose
 
     def spy(token_ids, max_depths, hidden_states):
         trees = propose(token_ids, max_depths, hidden_states)
-        seen.extend((len(t), tr.num_nodes - 1) for t, tr in zip(token_ids, trees) if tr is not None)
+        seen.append([(len(t), 0 if tr is None else tr.num_nodes - 1) for t, tr in zip(token_ids, trees)])
         return trees
 
     spec.propose = spy
@@ -185,26 +186,13 @@ def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_di
     sizes = {}
     for budget in (100, 0):
         llm = _llm(tiny, {**spec, "tree_context_budget": budget})
-        sizes[budget] = _tree_sizes(llm)
+        steps = _tree_sizes(llm)
         outs, _ = _drive(llm, _prompts(), GREEDY)
         assert _tokens(outs) == reference
+        sizes[budget] = [(c, n) for step in steps for c, n in step if n]
     assert all(n <= 2 * max(1, 100 // c) for c, n in sizes[100])
     assert any(n > 2 * max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
     assert any(c > 100 for c, _ in sizes[100])  # one drafter node and a lookup token
-
-
-def _step_tree_sizes(llm) -> list[list[int]]:
-    """Spy on the speculator: the draft nodes of each tree, per propose call (one per step)."""
-    spec, seen = llm.engine.worker.runner.spec, []
-    propose = spec.propose
-
-    def spy(token_ids, max_depths, hidden_states):
-        trees = propose(token_ids, max_depths, hidden_states)
-        seen.append([0 if tr is None else tr.num_nodes - 1 for tr in trees])
-        return trees
-
-    spec.propose = spy
-    return seen
 
 
 def test_step_draft_budget_shares_nodes_among_the_requests(tiny, reference, drafter_dir):
@@ -215,9 +203,10 @@ def test_step_draft_budget_shares_nodes_among_the_requests(tiny, reference, draf
     steps = {}
     for budget in (6, 0):
         llm = _llm(tiny, {**spec, "step_draft_budget": budget})
-        steps[budget] = _step_tree_sizes(llm)
+        seen = _tree_sizes(llm)
         outs, _ = _drive(llm, _prompts(), GREEDY)
         assert _tokens(outs) == reference
+        steps[budget] = [[n for _, n in step] for step in seen]
     assert all(n <= 2 * max(1, 6 // len(sizes)) for sizes in steps[6] for n in sizes)
     assert any(len(sizes) >= 3 for sizes in steps[6])  # several requests shared the budget
     assert any(n > 2 * max(1, 6 // len(sizes)) for sizes in steps[0] for n in sizes)  # the bound does cut

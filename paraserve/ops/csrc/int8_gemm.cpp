@@ -210,20 +210,23 @@ std::vector<at::Tensor> amx_pack_int8(const at::Tensor& w) {
   return {packed, scale.contiguous()};
 }
 
-at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
-                           const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_available(), "amx_int8_linear: this CPU or kernel offers no AMX tiles");
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16,
-              "amx_int8_linear: x must be bf16 [M, K]");
-  TORCH_CHECK(packed.dim() == 6 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
-              "amx_int8_linear: packed must come from amx_pack_int8");
+namespace {
+
+// What both kernels share: the argument checks, and x quantized per row (int8, scale, sum); run
+// (xq, sx, qsum, packed, scale_w, bias or null, out, M, N, K) fills out.
+template <typename Run>
+at::Tensor int8_product(const char* name, const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                        const std::optional<at::Tensor>& bias, Run&& run) {
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16, name,
+              ": x must be bf16 [M, K]");
+  TORCH_CHECK(packed.dim() == 6 && packed.scalar_type() == at::kChar && packed.is_contiguous(), name,
+              ": packed must come from amx_pack_int8");
   const int64_t N = packed.size(0) * kInt8Panel, K = packed.size(1) * kInt8KBlock, M = x.size(0);
-  TORCH_CHECK(x.size(1) == K, "amx_int8_linear: x has ", x.size(1), " columns, the weight ", K);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N, "amx_int8_linear: scale must be float [N]");
-  TORCH_CHECK(!bias || (bias->numel() == N && bias->scalar_type() == at::kBFloat16),
-              "amx_int8_linear: bias must be bf16 [N]");
+  TORCH_CHECK(x.size(1) == K, name, ": x has ", x.size(1), " columns, the weight ", K);
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N, name, ": scale must be float [N]");
+  TORCH_CHECK(!bias || (bias->numel() == N && bias->scalar_type() == at::kBFloat16), name, ": bias must be bf16 [N]");
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kBFloat16));
-#if defined(PARASERVE_AMX_INT8)
+#if defined(__AVX512F__)
   if (M > 0) {
     const at::Tensor xc = x.contiguous();
     std::vector<int8_t> xq(M * K);
@@ -231,11 +234,25 @@ at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const 
     std::vector<int32_t> qsum(M);
     quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), sx.data(), qsum.data());
     const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-    run(xq.data(), sx.data(), packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
+    run(xq.data(), sx.data(), qsum.data(), packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
         bc ? bc->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), M, N, K);
   }
 #endif
   return out;
+}
+
+}  // namespace
+
+at::Tensor amx_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                           const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_available(), "amx_int8_linear: this CPU or kernel offers no AMX tiles");
+  return int8_product("amx_int8_linear", x, packed, scale, bias,
+                      [](const int8_t* xq, const float* sx, const int32_t*, const int8_t* wp, const float* sw,
+                         const at::BFloat16* b, at::BFloat16* out, int64_t M, int64_t N, int64_t K) {
+#if defined(PARASERVE_AMX_INT8)
+                        run(xq, sx, wp, sw, b, out, M, N, K);
+#endif
+                      });
 }
 
 bool vnni_int8_available() {
@@ -249,29 +266,13 @@ bool vnni_int8_available() {
 at::Tensor vnni_int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                             const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(vnni_int8_available(), "vnni_int8_linear: this build has no AVX-512 VNNI");
-  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu() && x.scalar_type() == at::kBFloat16,
-              "vnni_int8_linear: x must be bf16 [M, K]");
-  TORCH_CHECK(packed.dim() == 6 && packed.scalar_type() == at::kChar && packed.is_contiguous(),
-              "vnni_int8_linear: packed must come from amx_pack_int8");
-  const int64_t N = packed.size(0) * kInt8Panel, K = packed.size(1) * kInt8KBlock, M = x.size(0);
-  TORCH_CHECK(x.size(1) == K, "vnni_int8_linear: x has ", x.size(1), " columns, the weight ", K);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == N, "vnni_int8_linear: scale must be float [N]");
-  TORCH_CHECK(!bias || (bias->numel() == N && bias->scalar_type() == at::kBFloat16),
-              "vnni_int8_linear: bias must be bf16 [N]");
-  at::Tensor out = at::empty({M, N}, x.options().dtype(at::kBFloat16));
+  return int8_product("vnni_int8_linear", x, packed, scale, bias,
+                      [](const int8_t* xq, const float* sx, const int32_t* qsum, const int8_t* wp, const float* sw,
+                         const at::BFloat16* b, at::BFloat16* out, int64_t M, int64_t N, int64_t K) {
 #if defined(PARASERVE_VNNI_INT8)
-  if (M > 0) {
-    const at::Tensor xc = x.contiguous();
-    std::vector<int8_t> xq(M * K);
-    std::vector<float> sx(M);
-    std::vector<int32_t> qsum(M);
-    quantize_rows(xc.data_ptr<at::BFloat16>(), M, K, xq.data(), sx.data(), qsum.data());
-    const std::optional<at::Tensor> bc = bias ? std::optional<at::Tensor>(bias->contiguous()) : std::nullopt;
-    run_vnni(xq.data(), sx.data(), qsum.data(), packed.data_ptr<int8_t>(), scale.data_ptr<float>(),
-             bc ? bc->data_ptr<at::BFloat16>() : nullptr, out.data_ptr<at::BFloat16>(), M, N, K);
-  }
+                        run_vnni(xq, sx, qsum, wp, sw, b, out, M, N, K);
 #endif
-  return out;
+                      });
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
