@@ -161,9 +161,10 @@ class ServerConfig:
 # about breaks even there) and stops before chat loses 15-25%.
 DEFAULT_SPEC_MAX_RUNNING = 4
 # Without AMX (a 2-core AMD EPYC, Zen 4: the weights' products cost what one row does up to ~10
-# rows, then ~0.5 ms a row), the same command with --methods redrafter and step_draft_budget 16
-# (benchmarks/results/spec-epyc.txt): ReDrafter batch 2: 1.03x / 1.55x, batch 4: 0.74x / 1.29x,
-# batch 8: 0.72x / 0.99x. Chat loses from batch 3 or 4, so speculation stops above 2 there.
+# rows, then ~0.5 ms a row), the same command with step_draft_budget 16
+# (benchmarks/results/spec-epyc.txt): ReDrafter batch 2: 1.02x / 1.61x, batch 4: 0.83x / 1.08x,
+# batch 8: 0.63x / 1.01x (an earlier run: 1.03x / 1.55x, 0.74x / 1.29x, 0.72x / 0.99x). Chat
+# loses from batch 3 or 4, so speculation stops above 2 there.
 DEFAULT_SPEC_MAX_RUNNING_NO_AMX = 2
 
 
@@ -180,7 +181,8 @@ def default_spec_max_running() -> int:
 # first ~10 rows of a step costs the weights' products for one more row. Measured on the AMD EPYC
 # (speculation forced on, ReDrafter chat / code): unbounded batch 2: 0.92x / 1.22x, batch 4:
 # 0.52x / 0.73x, batch 8: 0.47x / 0.58x; with 16: 1.03x / 1.55x, 0.74x / 1.29x, 0.72x / 0.99x
-# (10 was within noise of 16). Not measured on AMX.
+# in the same session (spec-epyc.txt, a later run: 1.02x / 1.61x, 0.83x / 1.08x, 0.63x / 1.01x;
+# 10 was within noise of 16). Not measured on AMX.
 DEFAULT_STEP_DRAFT_BUDGET = 16
 
 SPEC_METHODS = ("redrafter", "ngram")
