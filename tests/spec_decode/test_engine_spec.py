@@ -178,6 +178,15 @@ def _tree_sizes(llm) -> list[list[tuple[int, int]]]:
     return seen
 
 
+def _greedy_tree_sizes(tiny, reference, spec) -> list[list[tuple[int, int]]]:
+    """_tree_sizes over a greedy run of _prompts() with `spec`, whose output must be the reference."""
+    llm = _llm(tiny, spec)
+    steps = _tree_sizes(llm)
+    outs, _ = _drive(llm, _prompts(), GREEDY)
+    assert _tokens(outs) == reference
+    return steps
+
+
 def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_dir):
     """Nodes x context length stays within tree_context_budget: at most max(1, budget //
     context) drafter nodes plus the lookup beam cut as short; 0 bounds nothing."""
@@ -185,10 +194,7 @@ def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_di
             "drafter_path": drafter_dir, "min_draft_prob": 0.0, "step_draft_budget": 0}
     sizes = {}
     for budget in (100, 0):
-        llm = _llm(tiny, {**spec, "tree_context_budget": budget})
-        steps = _tree_sizes(llm)
-        outs, _ = _drive(llm, _prompts(), GREEDY)
-        assert _tokens(outs) == reference
+        steps = _greedy_tree_sizes(tiny, reference, {**spec, "tree_context_budget": budget})
         sizes[budget] = [(c, n) for step in steps for c, n in step if n]
     assert all(n <= 2 * max(1, 100 // c) for c, n in sizes[100])
     assert any(n > 2 * max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
@@ -202,10 +208,7 @@ def test_step_draft_budget_shares_nodes_among_the_requests(tiny, reference, draf
             "drafter_path": drafter_dir, "min_draft_prob": 0.0, "tree_context_budget": 0}
     steps = {}
     for budget in (6, 0):
-        llm = _llm(tiny, {**spec, "step_draft_budget": budget})
-        seen = _tree_sizes(llm)
-        outs, _ = _drive(llm, _prompts(), GREEDY)
-        assert _tokens(outs) == reference
+        seen = _greedy_tree_sizes(tiny, reference, {**spec, "step_draft_budget": budget})
         steps[budget] = [[n for _, n in step] for step in seen]
     assert all(n <= 2 * max(1, 6 // len(sizes)) for sizes in steps[6] for n in sizes)
     assert any(len(sizes) >= 3 for sizes in steps[6])  # several requests shared the budget
