@@ -168,22 +168,38 @@ DEFAULT_SPEC_MAX_RUNNING = 4
 DEFAULT_SPEC_MAX_RUNNING_NO_AMX = 2
 
 
-def default_spec_max_running() -> int:
-    """disable_by_batch_size's default for this CPU (from its flags: no kernel build needed)."""
+def _has_amx() -> bool:
+    """From the CPU's flags: no kernel build needed."""
     from paraserve.ops import cpu
 
-    return DEFAULT_SPEC_MAX_RUNNING if "amx_tile" in cpu.cpu_flags().split() else DEFAULT_SPEC_MAX_RUNNING_NO_AMX
+    return "amx_tile" in cpu.cpu_flags().split()
+
+
+def default_spec_max_running() -> int:
+    """disable_by_batch_size's default for this CPU."""
+    return DEFAULT_SPEC_MAX_RUNNING if _has_amx() else DEFAULT_SPEC_MAX_RUNNING_NO_AMX
 
 
 # Default SpecConfig.step_draft_budget: the draft trees of one step hold at most this many nodes
-# in all, shared evenly by the requests drafting. At batch 1 the trees rarely exceed it (~10
-# nodes on chat; a cap of 12 accepted exactly as many tokens); at batch 2-8 every node beyond the
-# first ~10 rows of a step costs the weights' products for one more row. Measured on the AMD EPYC
-# (speculation forced on, ReDrafter chat / code): unbounded batch 2: 0.92x / 1.22x, batch 4:
-# 0.52x / 0.73x, batch 8: 0.47x / 0.58x; with 16: 1.03x / 1.55x, 0.74x / 1.29x, 0.72x / 0.99x
-# in the same session (spec-epyc.txt, a later run: 1.02x / 1.61x, 0.83x / 1.08x, 0.63x / 1.01x;
-# 10 was within noise of 16). Not measured on AMX.
+# in all, shared evenly by the requests drafting (the lookup beam's nodes first, then the
+# drafter's likeliest). Every node is one more row of the step's weight products.
+# With AMX the tile products take 16 rows at once: 16. Not measured there.
 DEFAULT_STEP_DRAFT_BUDGET = 16
+# Without AMX (AMD EPYC Zen 4, bf16_gemm.cpp): the panel kernel runs up to 10 rows in one pass,
+# at the cost of one row; each row past 10 adds ~0.6 ms to a ~7.5 ms forward. 9 keeps a batch-1
+# tree and its root in one pass. Batch 1, greedy, 8 prompts x 128 tokens, lookup_min 2:
+#   chat: 16 -> 2.37 tokens per verification, 9.7 rows a step (31% of steps past 10 rows);
+#         9 -> 2.32, 9.0 rows (none past 10); median of 8 alternating runs 140.0 -> 143.4 tok/s
+#   code: 16 -> 3.32, 15.5 rows (66% past 10); 9 -> 3.25; with lookup_min 1 and 16 (the earlier
+#         defaults) against 2 and 9: median of 6 alternating runs 168.2 -> 188.2 tok/s
+# At batch 2-8, 10 was within noise of 16 (spec-epyc.txt's note in the README).
+DEFAULT_STEP_DRAFT_BUDGET_NO_AMX = 9
+
+
+def default_step_draft_budget() -> int:
+    """step_draft_budget's default for this CPU (see DEFAULT_STEP_DRAFT_BUDGET)."""
+    return DEFAULT_STEP_DRAFT_BUDGET if _has_amx() else DEFAULT_STEP_DRAFT_BUDGET_NO_AMX
+
 
 SPEC_METHODS = ("redrafter", "ngram")
 # ReDrafter's default min_draft_prob: with the shipped SmolLM2 drafter, 0.05 drafted ~10% faster
@@ -205,6 +221,12 @@ _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_dr
               "ngram": ()}
 # ReDrafter's default lookup_beam: the prompt-lookup draft joins the drafter's beams in the tree
 DEFAULT_LOOKUP_BEAM = True
+# The lookup beam's default prompt_lookup_min (method ngram's stays 1). A one-token match proposes
+# four tokens on little evidence: on chat prompts (batch 1, 8 x 128 tokens, AMD EPYC) 1 -> 2 cut
+# the tree from 10.6 to 9.7 rows a step for 2.42 -> 2.37 tokens per verification, and ran ~5%
+# faster (median of 8 alternating runs 132.9 -> 140.0 tok/s; 4 others: 153-160 -> 164-169);
+# 3 was between them; code prompts were no slower (3.35 -> 3.32 tokens per verification).
+DEFAULT_LOOKUP_BEAM_MIN = 2
 
 
 @dataclass(frozen=True)
@@ -231,7 +253,8 @@ class SpecConfig:
     # reads half the bytes (on AMX 1.4 -> 0.8 ms a search at batch 1). Default (None): on where
     # the CPU has AMX (with VNNI alone it was no faster: redrafter.compiled_head).
     drafter_int8: Optional[bool] = None
-    # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3)
+    # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3;
+    # 2 and 3 for the lookup beam, DEFAULT_LOOKUP_BEAM_MIN)
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     # default: default_spec_max_running() (4 with AMX, 2 without; see DEFAULT_SPEC_MAX_RUNNING)
@@ -241,7 +264,8 @@ class SpecConfig:
     # the draft cut to that many); 0: no bound. See DEFAULT_TREE_CONTEXT_BUDGET.
     tree_context_budget: Optional[int] = None
     # a step's draft trees hold at most this many nodes in all, max(1, this / requests drafting)
-    # each (the likeliest, as with tree_context_budget); 0: no bound. See DEFAULT_STEP_DRAFT_BUDGET.
+    # each (the likeliest, as with tree_context_budget); 0: no bound. Default:
+    # default_step_draft_budget() (16 with AMX, 9 without; see DEFAULT_STEP_DRAFT_BUDGET).
     step_draft_budget: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -279,7 +303,8 @@ class SpecConfig:
         if not lookup and (self.prompt_lookup_min is not None or self.prompt_lookup_max is not None):
             raise ConfigError("speculative-config: prompt_lookup_min/max configure the lookup beam, "
                               "which lookup_beam false turns off")
-        lo = self.prompt_lookup_min or 1
+        default_lo = DEFAULT_LOOKUP_BEAM_MIN if self.method == "redrafter" else 1
+        lo = self.prompt_lookup_min or min(default_lo, self.prompt_lookup_max or default_lo)
         hi = self.prompt_lookup_max or max(3, lo)
         if lo > hi:
             raise ConfigError(f"speculative-config: prompt_lookup_min ({lo}) exceeds "
@@ -289,7 +314,7 @@ class SpecConfig:
         if b is None:
             self._set(tree_context_budget=DEFAULT_TREE_CONTEXT_BUDGET)
         if self.step_draft_budget is None:
-            self._set(step_draft_budget=DEFAULT_STEP_DRAFT_BUDGET)
+            self._set(step_draft_budget=default_step_draft_budget())
         if self.disable_by_batch_size is None:
             self._set(disable_by_batch_size=default_spec_max_running())
         if self.method == "redrafter":

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from paraserve import LLM, SamplingParams
-from paraserve.config import DEFAULT_STEP_DRAFT_BUDGET, DEFAULT_TREE_CONTEXT_BUDGET, ConfigError, SpecConfig
+from paraserve.config import DEFAULT_TREE_CONTEXT_BUDGET, ConfigError, SpecConfig, default_step_draft_budget
 from paraserve.spec_decode.proposer import Draft, Proposer
 from paraserve.spec_decode.redrafter import ReDrafter, ReDrafterConfig, save_drafter
 
@@ -189,30 +189,30 @@ def _greedy_tree_sizes(tiny, reference, spec) -> list[list[tuple[int, int]]]:
 
 def test_tree_context_budget_bounds_trees_by_context(tiny, reference, drafter_dir):
     """Nodes x context length stays within tree_context_budget: at most max(1, budget //
-    context) drafter nodes plus the lookup beam cut as short; 0 bounds nothing."""
+    context) nodes (lookup beam and drafter nodes together); 0 bounds nothing."""
     spec = {"method": "redrafter", "num_speculative_tokens": 3, "beam_width": 3,
             "drafter_path": drafter_dir, "min_draft_prob": 0.0, "step_draft_budget": 0}
     sizes = {}
     for budget in (100, 0):
         steps = _greedy_tree_sizes(tiny, reference, {**spec, "tree_context_budget": budget})
         sizes[budget] = [(c, n) for step in steps for c, n in step if n]
-    assert all(n <= 2 * max(1, 100 // c) for c, n in sizes[100])
-    assert any(n > 2 * max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
-    assert any(c > 100 for c, _ in sizes[100])  # one drafter node and a lookup token
+    assert all(n <= max(1, 100 // c) for c, n in sizes[100])
+    assert any(n > max(1, 100 // c) for c, n in sizes[0])  # the bound does cut
+    assert any(c > 100 for c, _ in sizes[100])  # past the budget: one node
 
 
 def test_step_draft_budget_shares_nodes_among_the_requests(tiny, reference, drafter_dir):
-    """A step's trees hold at most max(1, budget // requests drafting) drafter nodes each (plus the
-    lookup beam cut as short); 0 bounds nothing; output is unchanged."""
+    """A step's trees hold at most max(1, budget // requests drafting) nodes each (lookup beam and
+    drafter nodes together); 0 bounds nothing; output is unchanged."""
     spec = {"method": "redrafter", "num_speculative_tokens": 3, "beam_width": 3,
             "drafter_path": drafter_dir, "min_draft_prob": 0.0, "tree_context_budget": 0}
     steps = {}
     for budget in (6, 0):
         seen = _greedy_tree_sizes(tiny, reference, {**spec, "step_draft_budget": budget})
         steps[budget] = [[n for _, n in step] for step in seen]
-    assert all(n <= 2 * max(1, 6 // len(sizes)) for sizes in steps[6] for n in sizes)
+    assert all(n <= max(1, 6 // len(sizes)) for sizes in steps[6] for n in sizes)
     assert any(len(sizes) >= 3 for sizes in steps[6])  # several requests shared the budget
-    assert any(n > 2 * max(1, 6 // len(sizes)) for sizes in steps[0] for n in sizes)  # the bound does cut
+    assert any(n > max(1, 6 // len(sizes)) for sizes in steps[0] for n in sizes)  # the bound does cut
 
 
 def test_accepted_paths_off_the_first_beam_keep_their_kv(tiny, reference):
@@ -381,23 +381,30 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     assert SpecConfig(method="redrafter").min_draft_prob == 0.05
     assert SpecConfig(method="redrafter", min_draft_prob=0).min_draft_prob == 0.0
     on = SpecConfig(method="redrafter")
-    assert (on.lookup_beam, on.prompt_lookup_min, on.prompt_lookup_max) == (True, 1, 3)
+    assert (on.lookup_beam, on.prompt_lookup_min, on.prompt_lookup_max) == (True, 2, 3)
+    assert (SpecConfig(method="ngram").prompt_lookup_min, SpecConfig(method="ngram").prompt_lookup_max) == (1, 3)
+    assert SpecConfig(method="redrafter", prompt_lookup_min=1).prompt_lookup_min == 1
+    assert SpecConfig(method="redrafter", prompt_lookup_max=1).prompt_lookup_min == 1  # not above the max
     off = SpecConfig(method="redrafter", lookup_beam=False)
     assert (off.lookup_beam, off.prompt_lookup_min, off.prompt_lookup_max) == (False, None, None)
     assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 3
     assert SpecConfig(method="ngram").tree_context_budget == DEFAULT_TREE_CONTEXT_BUDGET
     assert SpecConfig(method="ngram", tree_context_budget=0).tree_context_budget == 0
-    assert SpecConfig(method="ngram").step_draft_budget == DEFAULT_STEP_DRAFT_BUDGET
+    assert SpecConfig(method="ngram").step_draft_budget == default_step_draft_budget()
+    assert SpecConfig(method="ngram", step_draft_budget=5).step_draft_budget == 5
     assert SpecConfig(method="ngram", disable_by_batch_size=3).disable_by_batch_size == 3
 
 
-@pytest.mark.parametrize("flags, expected", [("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", 4),
-                                             ("flags\t: fpu avx512f avx512_bf16 avx512_vnni", 2)])
-def test_disable_by_batch_size_default_follows_the_cpu(monkeypatch, flags, expected):
+@pytest.mark.parametrize("flags, running, budget", [("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", 4, 16),
+                                                     ("flags\t: fpu avx512f avx512_bf16 avx512_vnni", 2, 9)])
+def test_batch_defaults_follow_the_cpu(monkeypatch, flags, running, budget):
+    """disable_by_batch_size and step_draft_budget default to what was measured with and
+    without AMX."""
     from paraserve.ops import cpu
 
     monkeypatch.setattr(cpu, "cpu_flags", lambda: flags)
-    assert SpecConfig(method="redrafter").disable_by_batch_size == expected
+    config = SpecConfig(method="redrafter")
+    assert (config.disable_by_batch_size, config.step_draft_budget) == (running, budget)
 
 
 def test_cli_generate_and_api_opt_out(tiny, capsys):

@@ -252,10 +252,10 @@ def reference_tree(drafter, h, last, embed, W, L, min_logprob, scores=False):
     return out if scores else [set(d) for d in out]
 
 
-def test_max_nodes_keeps_the_likeliest_nodes_and_cuts_the_lookup_beam(tmp_path):
-    """With max_nodes, a request's tree holds that many of the search's likeliest beams (a
-    tree: a prefix is at least as likely as its extensions), and the lookup beam is cut to as
-    many tokens; requests without a bound keep every node."""
+def test_max_nodes_bounds_the_whole_tree_lookup_beam_first(tmp_path):
+    """With max_nodes, a request's tree holds at most that many nodes: the lookup beam (cut to
+    that many tokens) and then the search's likeliest nodes (a tree: a prefix is at least as
+    likely as its extensions), as many as fit; requests without a bound keep every node."""
     drafter, embed = make_drafter(draft_vocab=12), make_embed()
     save_drafter(drafter, str(tmp_path), dtype=torch.float32)
     lookup = get_proposer("ngram", num_speculative_tokens=4, min_n=1, max_n=2)
@@ -267,13 +267,14 @@ def test_max_nodes_keeps_the_likeliest_nodes_and_cuts_the_lookup_beam(tmp_path):
     with torch.no_grad():
         nodes = reference_tree(drafter, h, last, embed, 3, 4, -math.inf, scores=True)
     for d, cap, ref in zip(proposer.propose(ids, h, max_nodes=caps), caps, nodes):
-        chain = (30, 31, 32, 33)[:cap]
-        assert list(chain) in d.beams or chain in ref
-        top = sorted(ref, key=lambda p: (-ref[p], len(p)))[:cap]
+        chain = {(30, 31, 32, 33)[:k] for k in range(1, min(cap, 4) + 1)}
         tree = DraftTree.from_beams(1, d.beams)
-        expect = set(top) | {chain[:k] for k in range(1, len(chain) + 1)}
-        assert {tree.path(n) for n in range(1, tree.num_nodes)} == expect
-    assert len(top) == len(ref) == 12  # the last request is not bounded: every node
+        got = {tree.path(n) for n in range(1, tree.num_nodes)}
+        assert chain <= got and got <= chain | set(ref)
+        assert len(got) == min(cap, len(chain | set(ref)))  # as many as fit
+        picked, left = got - chain, set(ref) - got
+        assert all(ref[p] >= ref[q] for p in picked for q in left)  # the likeliest
+    assert len(got) == 12 + 4 and len(ref) == 12  # the last request is not bounded: every node
 
 
 def test_lookup_beam_joins_the_drafter_beams(tmp_path):
@@ -501,7 +502,7 @@ def test_speculative_config_wires_the_lookup_beam(tmp_path):
     save_drafter(make_drafter(draft_vocab=12), str(tmp_path), dtype=torch.float32)
     on = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), beam_length=3,
                                    prompt_lookup_max=2), fake_base(), "base")
-    assert isinstance(on.lookup, NgramProposer) and (on.lookup.k, on.lookup.min_n, on.lookup.max_n) == (3, 1, 2)
+    assert isinstance(on.lookup, NgramProposer) and (on.lookup.k, on.lookup.min_n, on.lookup.max_n) == (3, 2, 2)
     off = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), lookup_beam=False),
                          fake_base(), "base")
     assert off.lookup is None
