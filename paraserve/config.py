@@ -192,7 +192,8 @@ DEFAULT_STEP_DRAFT_BUDGET = 16
 #         9 -> 2.32, 9.0 rows (none past 10); median of 8 alternating runs 140.0 -> 143.4 tok/s
 #   code: 16 -> 3.32, 15.5 rows (66% past 10); 9 -> 3.25; with lookup_min 1 and 16 (the earlier
 #         defaults) against 2 and 9: median of 6 alternating runs 168.2 -> 188.2 tok/s
-# At batch 2-8, 10 was within noise of 16 (spec-epyc.txt's note in the README).
+# Speculation forced on at batch 2 / 4 / 8 (spec-epyc.txt), ReDrafter chat: 1.16x / 0.93x / 0.80x
+# with 9 against 1.02x / 0.83x / 0.63x with 16; code 1.78x / 1.29x / 0.94x against 1.61x / 1.08x.
 DEFAULT_STEP_DRAFT_BUDGET_NO_AMX = 9
 
 
@@ -260,8 +261,8 @@ class SpecConfig:
     # default: default_spec_max_running() (4 with AMX, 2 without; see DEFAULT_SPEC_MAX_RUNNING)
     disable_by_batch_size: Optional[int] = None
     # a request's draft tree holds at most max(1, this / its context length) nodes (redrafter:
-    # that many of the drafter's likeliest, and the lookup beam cut to that many tokens; ngram:
-    # the draft cut to that many); 0: no bound. See DEFAULT_TREE_CONTEXT_BUDGET.
+    # the lookup beam's first, cut to that many tokens, then the drafter's likeliest; ngram: the
+    # draft cut to that many); 0: no bound. See DEFAULT_TREE_CONTEXT_BUDGET.
     tree_context_budget: Optional[int] = None
     # a step's draft trees hold at most this many nodes in all, max(1, this / requests drafting)
     # each (the likeliest, as with tree_context_budget); 0: no bound. Default:
