@@ -27,6 +27,8 @@ from paraserve.models.loader import ModelSource
 logger = logging.getLogger("paraserve")
 
 PLACEMENT_TIMEOUT_S = 120.0
+# how long a failed call waits for Ray to report a dead peer as the failure's cause
+PEER_DEATH_WAIT_S = 2.0
 
 
 class RayWorker:
@@ -158,6 +160,11 @@ class RayExecutor(Executor):
                 self._fail(self._died(refs.index(ref)))
             except Exception as e:
                 cause = _task_cause(e)
+                # a rank whose peer died fails in its next collective (gloo: "Connection reset by
+                # peer"), often before Ray reports the death: name the dead rank, the root cause
+                done = self.ray.wait(self._sentinels, num_returns=1, timeout=PEER_DEATH_WAIT_S)[0]
+                if done:
+                    self._fail(self._died(self._sentinels.index(done[0])), cause)
                 first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
                 self._fail(f"Ray worker rank {refs.index(ref)} failed: {type(cause).__name__}: {first}", cause)
         return self.ray.get(list(refs))

@@ -312,6 +312,53 @@ def test_ray_backend_gives_the_mp_tokens(tiny_model_dir):
         ray.shutdown()
 
 
+class _RaySteps:
+    """Stands in for the ray module in RayExecutor._get: the call refs become ready in the
+    order given and raise what `errors` says; sentinel refs (an actor's death) become ready only
+    from the `dead_from`-th wait on (a death Ray reports after the peer's call failed)."""
+
+    class exceptions:
+        class RayActorError(Exception):
+            pass
+
+    def __init__(self, ready, errors, dead, dead_from):
+        self.ready, self.errors, self.dead, self.dead_from, self.waits = ready, errors, dead, dead_from, 0
+
+    def wait(self, refs, num_returns=1, timeout=None):
+        self.waits += 1
+        alive = [r for r in self.ready if r in refs]
+        if self.waits >= self.dead_from:
+            alive += [r for r in self.dead if r in refs]
+        return alive[:num_returns], [r for r in refs if r not in alive[:num_returns]]
+
+    def get(self, ref):
+        if isinstance(ref, list):
+            return [self.get(r) for r in ref]
+        if ref in self.errors:
+            raise self.errors[ref]
+        return ref
+
+
+@pytest.mark.parametrize("dead, expected", [(["s0"], r"Ray worker rank 0 \(pid 11\) died"),
+                                            ([], r"Ray worker rank 1 failed: RuntimeError: Connection reset")])
+def test_ray_failure_names_the_dead_peer_over_its_victim(monkeypatch, dead, expected):
+    """When a rank's call fails because a peer died (its collective read a closed connection) and
+    Ray reports the death a moment later, the error names the dead rank; a failure with no dead
+    peer names the rank that failed."""
+    from paraserve.engine import ray_executor
+
+    monkeypatch.setattr(ray_executor, "PEER_DEATH_WAIT_S", 0.01)
+    ex = ray_executor.RayExecutor.__new__(ray_executor.RayExecutor)
+    ex.ray = _RaySteps(ready=["c1", "c0"], errors={"c1": RuntimeError("Connection reset by peer")},
+                       dead=dead, dead_from=2)
+    ex._sentinels, ex.actors, ex.world_size, ex.dead, ex._closed = ["s0", "s1"], [], 2, None, False
+    ex.worker_info = [{"pid": 11}, {"pid": 12}]
+    ex._pg, ex._remove_pg, ex._owns_ray = None, lambda pg: None, False
+    with pytest.raises(WorkerDiedError, match=expected) as info:
+        ex._get(["c0", "c1"])
+    assert isinstance(info.value.__cause__, RuntimeError)  # the victim's error stays as the cause
+
+
 def test_server_on_a_ray_cluster_it_started_stops_cleanly(tiny_model_dir):
     """With no Ray connection open, the engine starts a local cluster from its engine thread and
     closes it from there on SIGTERM: Ray's local processes die with the thread that started
