@@ -593,7 +593,9 @@ def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatc
             p.normal_(0, 0.15)
     drafter = drafter.to(torch.bfloat16).eval().requires_grad_(False).pack()
     embed = nn.Embedding(vocab, hidden).to(torch.bfloat16).requires_grad_(False)
-    assert redrafter.int8_default(drafter) == cpu.amx_available()  # default: on with AMX only
+    base = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab, hidden_size=hidden), embed_tokens=embed)
+    default = ReDrafterProposer(base, "base", drafter=drafter, int8=None)  # as SpecConfig leaves it
+    assert default.int8 == cpu.int8_available()  # on wherever AMX tiles or VNNI run
     with monkeypatch.context() as m:  # a CPU with neither AMX nor VNNI
         m.setattr(cpu, "int8_available", lambda: False)
         m.setattr(cpu, "amx_available", lambda: False)
