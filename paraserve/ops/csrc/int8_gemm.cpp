@@ -22,7 +22,6 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
-#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -133,6 +132,15 @@ void run(const int8_t* xq, const float* sx, const int8_t* wp, const float* sw, c
 #if defined(__AVX512VNNI__)
 #define PARASERVE_VNNI_INT8 1
 constexpr int64_t kVnniMaxRows = 10;  // rows per pass: 20 accumulators, as in bf16_gemm.cpp
+typedef int32_t Quad __attribute__((may_alias, aligned(1)));
+
+// acc + u (unsigned bytes) . s (signed bytes), as _mm512_dpbusd_epi32. GCC 12 kept a copy of
+// every accumulator around the intrinsic (spilling them to the stack past 4 rows: the 4-row
+// kernel ran at half speed); the accumulator tied in place keeps them all in registers.
+inline __m512i dpbusd(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
 
 // Rows [0, MB) of xq against one panel: for each 4 bytes of K, the panel's 32 columns are two
 // vectors (one row of each tile) and every row of x adds its broadcast 4 bytes to them.
@@ -142,6 +150,8 @@ void vnni_panel_rows(const int8_t* xq, int64_t K, const int8_t* w, const char* p
   __m512i acc[MB][2];
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_si512();
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const Quad* xi = reinterpret_cast<const Quad*>(xq);  // x's 4-byte groups
+  const int64_t ldx_quads = K / 4;
   for (int64_t kb = 0; kb < K / kInt8KBlock; ++kb) {
     const int8_t* wb = w + kb * 2 * 16 * kInt8KBlock;
     const char* pf = reinterpret_cast<const char*>(wb + K * kInt8Panel);  // the next panel, into L2
@@ -151,13 +161,10 @@ void vnni_panel_rows(const int8_t* xq, int64_t K, const int8_t* w, const char* p
     for (int64_t r = 0; r < 16; ++r) {
       const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wb + r * 64), flip);  // w + 128, unsigned
       const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wb + 16 * kInt8KBlock + r * 64), flip);
-      const int64_t k = kb * kInt8KBlock + r * 4;
       for (int m = 0; m < MB; ++m) {
-        int32_t quad;
-        std::memcpy(&quad, xq + m * K + k, 4);
-        const __m512i xb = _mm512_set1_epi32(quad);
-        acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, xb);
-        acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, xb);
+        const __m512i xb = _mm512_set1_epi32(xi[m * ldx_quads + kb * 16 + r]);
+        acc[m][0] = dpbusd(acc[m][0], w0, xb);
+        acc[m][1] = dpbusd(acc[m][1], w1, xb);
       }
     }
   }
