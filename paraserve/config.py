@@ -218,7 +218,7 @@ DEFAULT_MIN_DRAFT_PROB = 0.05
 # 1.68x with 16384, 1.65x with 32768), and 8192 stays for CPUs without AMX and longer contexts.
 DEFAULT_TREE_CONTEXT_BUDGET = 8192
 _SPEC_ONLY = {"redrafter": ("beam_width", "beam_length", "drafter_path", "min_draft_prob", "lookup_beam",
-                            "drafter_int8"),
+                            "lookup_length", "drafter_int8"),
               "ngram": ()}
 # ReDrafter's default lookup_beam: the prompt-lookup draft joins the drafter's beams in the tree
 DEFAULT_LOOKUP_BEAM = True
@@ -228,6 +228,15 @@ DEFAULT_LOOKUP_BEAM = True
 # faster (median of 8 alternating runs 132.9 -> 140.0 tok/s; 4 others: 153-160 -> 164-169);
 # 3 was between them; code prompts were no slower (3.35 -> 3.32 tokens per verification).
 DEFAULT_LOOKUP_BEAM_MIN = 2
+# Prompt lookup's longest suffix matched (ngram and the lookup beam), and the tokens it proposes:
+# ngram's num_speculative_tokens and the lookup beam's lookup_length (was 3 and 4, the beam
+# length). A copy from the context tends to go on: offline, over the 32 bench prompts of each set
+# (every position of their greedy answers, the drafter's nodes beside the lookup beam in a
+# 9-node tree), max 3 / 4 tokens -> 5 / 8 gave 2.30 -> 2.33 tokens per verification on chat and
+# 2.96 -> 3.25 on code; ngram alone 1.26 -> 1.28 and 1.83 -> 2.02. A longer match (min 3) lost
+# more than it saved. The tree budgets still bound the nodes (the lookup beam's count first).
+DEFAULT_LOOKUP_MAX = 5
+DEFAULT_LOOKUP_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -236,7 +245,8 @@ class SpecConfig:
     speculative_config={...})`). Options of the other method are an error, not ignored; the
     unset ones of this method get their defaults in __post_init__."""
     method: str  # "redrafter" | "ngram"
-    # ngram: tokens per draft (default 4); redrafter: the beam length (vLLM's name for it)
+    # ngram: tokens per draft (default DEFAULT_LOOKUP_TOKENS); redrafter: the beam length (vLLM's
+    # name for it)
     num_speculative_tokens: Optional[int] = None
     beam_width: Optional[int] = None  # redrafter: beams per request (default 4)
     beam_length: Optional[int] = None  # redrafter: tokens per beam (default 4)
@@ -246,16 +256,19 @@ class SpecConfig:
     # redrafter: verify a drafted token only while the drafter gives its beam prefix at least this
     # probability (default DEFAULT_MIN_DRAFT_PROB; 0 verifies every beam in full)
     min_draft_prob: Optional[float] = None
-    # redrafter: also verify the prompt-lookup draft (method ngram's, cut to beam_length) as one
-    # more beam of the tree; output is unchanged, copies from the context get accepted too
+    # redrafter: also verify the prompt-lookup draft (method ngram's) as one more beam of the tree;
+    # output is unchanged, copies from the context get accepted too
     lookup_beam: Optional[bool] = None  # default DEFAULT_LOOKUP_BEAM
+    # redrafter: tokens the lookup beam proposes (default DEFAULT_LOOKUP_TOKENS; it may be longer
+    # than the drafter's beams)
+    lookup_length: Optional[int] = None
     # redrafter: run the drafter's layers with int8 weights and activations on AMX tiles or
     # AVX-512 VNNI (ops/csrc/int8_gemm.cpp). Drafts only, so output is unchanged; the beam search
     # reads half the bytes (on AMX 1.4 -> 0.8 ms a search at batch 1). Default (None): on where
     # the CPU has either (on a Zen 4, chat ran ~9% faster: redrafter.compiled_head).
     drafter_int8: Optional[bool] = None
-    # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 3;
-    # 2 and 3 for the lookup beam, DEFAULT_LOOKUP_BEAM_MIN)
+    # ngram, and redrafter's lookup beam: shortest and longest suffix matched (default 1 and 5;
+    # 2 and 5 for the lookup beam: DEFAULT_LOOKUP_BEAM_MIN, DEFAULT_LOOKUP_MAX)
     prompt_lookup_min: Optional[int] = None
     prompt_lookup_max: Optional[int] = None
     # default: default_spec_max_running() (4 with AMX, 2 without; see DEFAULT_SPEC_MAX_RUNNING)
@@ -273,7 +286,7 @@ class SpecConfig:
         if self.method not in SPEC_METHODS:
             raise ConfigError(f"speculative-config: unknown method {self.method!r}; choose from "
                               f"{', '.join(SPEC_METHODS)}")
-        for name in ("num_speculative_tokens", "beam_width", "beam_length", "prompt_lookup_min",
+        for name in ("num_speculative_tokens", "beam_width", "beam_length", "lookup_length", "prompt_lookup_min",
                      "prompt_lookup_max", "disable_by_batch_size"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -301,12 +314,13 @@ class SpecConfig:
                               f"{self.method!r} (its options: {', '.join(own)})")
         k = self.num_speculative_tokens
         lookup = self.method == "ngram" or self.lookup_beam is not False
-        if not lookup and (self.prompt_lookup_min is not None or self.prompt_lookup_max is not None):
-            raise ConfigError("speculative-config: prompt_lookup_min/max configure the lookup beam, "
-                              "which lookup_beam false turns off")
+        if not lookup and (self.prompt_lookup_min is not None or self.prompt_lookup_max is not None
+                           or self.lookup_length is not None):
+            raise ConfigError("speculative-config: prompt_lookup_min/max and lookup_length configure the "
+                              "lookup beam, which lookup_beam false turns off")
         default_lo = DEFAULT_LOOKUP_BEAM_MIN if self.method == "redrafter" else 1
         lo = self.prompt_lookup_min or min(default_lo, self.prompt_lookup_max or default_lo)
-        hi = self.prompt_lookup_max or max(3, lo)
+        hi = self.prompt_lookup_max or max(DEFAULT_LOOKUP_MAX, lo)
         if lo > hi:
             raise ConfigError(f"speculative-config: prompt_lookup_min ({lo}) exceeds "
                               f"prompt_lookup_max ({hi})")
@@ -326,8 +340,10 @@ class SpecConfig:
             self._set(beam_width=self.beam_width or 4, beam_length=length, num_speculative_tokens=length,
                       min_draft_prob=DEFAULT_MIN_DRAFT_PROB if p is None else float(p),
                       lookup_beam=DEFAULT_LOOKUP_BEAM if self.lookup_beam is None else self.lookup_beam)
+            if self.lookup_beam:
+                self._set(lookup_length=self.lookup_length or DEFAULT_LOOKUP_TOKENS)
         else:
-            self._set(num_speculative_tokens=k or 4)
+            self._set(num_speculative_tokens=k or DEFAULT_LOOKUP_TOKENS)
 
     def _set(self, **values: Any) -> None:
         for name, value in values.items():

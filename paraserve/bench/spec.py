@@ -71,7 +71,7 @@ def spec_configs(methods: Optional[Sequence[str]], overrides_json: Optional[str]
                  drafter: Optional[str]) -> dict[str, dict[str, Any]]:
     """method -> the speculative_config its engine gets. --speculative-config's keys override the
     defaults of every method they belong to (disable_by_batch_size, num_speculative_tokens,
-    prompt_lookup_*: all, redrafter's lookup beam uses the latter; beam_*, lookup_beam:
+    prompt_lookup_*: all, redrafter's lookup beam uses the latter; beam_*, lookup_*:
     redrafter); its "method" only picks the default --methods."""
     # _SPEC_ONLY says which keys belong to one method only; SpecConfig rejects the other's keys
     from paraserve.config import _SPEC_ONLY, SPEC_METHODS, ConfigError, SpecConfig, parse_json_object

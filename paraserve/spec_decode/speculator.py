@@ -124,6 +124,6 @@ def build_proposer(config: SpecConfig, model: torch.nn.Module, model_name: str) 
     return get_proposer("redrafter", model=model, model_name=check_name, drafter_path=path,
                         beam_width=config.beam_width, beam_length=config.beam_length,
                         min_draft_prob=config.min_draft_prob, int8=config.drafter_int8,
-                        lookup=get_proposer("ngram", num_speculative_tokens=config.beam_length,
+                        lookup=get_proposer("ngram", num_speculative_tokens=config.lookup_length,
                                             min_n=config.prompt_lookup_min, max_n=config.prompt_lookup_max)
                         if config.lookup_beam else None)

@@ -314,7 +314,10 @@ def test_seeded_sampling_with_speculation_is_reproducible(tiny):
     params = [SamplingParams(temperature=0.8, top_k=50, top_p=0.9, seed=7 + i, max_tokens=24,
                              ignore_eos=True) for i in range(4)]
     params[3] = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)  # greedy beside them
-    llm = _llm(tiny, {"method": "ngram", "prompt_lookup_min": 1})
+    # prefix caching off: a cache hit would change the second run's batching, so the step's draft
+    # budget would be shared differently and other drafts verified; a seed's tokens depend on the
+    # drafts (their distribution does not)
+    llm = _llm(tiny, {"method": "ngram", "prompt_lookup_min": 1}, enable_prefix_caching=False)
     runs = []
     for _ in range(2):
         outs, _ = _drive(llm, _prompts(), params)
@@ -369,6 +372,10 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
                      ('{"method": "ngram", "drafter_int8": true}', "not an option of method 'ngram'"),
                      ('{"method": "redrafter", "lookup_beam": false, "prompt_lookup_max": 4}',
                       "which lookup_beam false turns off"),
+                     ('{"method": "redrafter", "lookup_beam": false, "lookup_length": 6}',
+                      "which lookup_beam false turns off"),
+                     ('{"method": "ngram", "lookup_length": 6}', "not an option of method 'ngram'"),
+                     ('{"method": "redrafter", "lookup_length": 0}', "lookup_length must be an integer >= 1"),
                      ('{"method": "ngram", "tree_context_budget": -1}', "tree_context_budget must be an integer >= 0"),
                      ('{"method": "redrafter", "tree_context_budget": "4k"}', "tree_context_budget must be"),
                      ('{"method": "ngram", "step_draft_budget": -2}', "step_draft_budget must be an integer >= 0")]:
@@ -381,13 +388,17 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
     assert SpecConfig(method="redrafter").min_draft_prob == 0.05
     assert SpecConfig(method="redrafter", min_draft_prob=0).min_draft_prob == 0.0
     on = SpecConfig(method="redrafter")
-    assert (on.lookup_beam, on.prompt_lookup_min, on.prompt_lookup_max) == (True, 2, 3)
-    assert (SpecConfig(method="ngram").prompt_lookup_min, SpecConfig(method="ngram").prompt_lookup_max) == (1, 3)
+    assert (on.lookup_beam, on.prompt_lookup_min, on.prompt_lookup_max, on.lookup_length) == (True, 2, 5, 8)
+    ngram = SpecConfig(method="ngram")
+    assert (ngram.prompt_lookup_min, ngram.prompt_lookup_max, ngram.num_speculative_tokens) == (1, 5, 8)
+    assert SpecConfig(method="redrafter", lookup_length=3).lookup_length == 3
     assert SpecConfig(method="redrafter", prompt_lookup_min=1).prompt_lookup_min == 1
     assert SpecConfig(method="redrafter", prompt_lookup_max=1).prompt_lookup_min == 1  # not above the max
     off = SpecConfig(method="redrafter", lookup_beam=False)
-    assert (off.lookup_beam, off.prompt_lookup_min, off.prompt_lookup_max) == (False, None, None)
-    assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 3
+    assert (off.lookup_beam, off.prompt_lookup_min, off.prompt_lookup_max, off.lookup_length) == (False, None, None,
+                                                                                                  None)
+    assert SpecConfig(method="redrafter", prompt_lookup_min=2).prompt_lookup_max == 5
+    assert SpecConfig(method="redrafter", prompt_lookup_min=7).prompt_lookup_max == 7  # not below the min
     assert SpecConfig(method="ngram").tree_context_budget == DEFAULT_TREE_CONTEXT_BUDGET
     assert SpecConfig(method="ngram", tree_context_budget=0).tree_context_budget == 0
     assert SpecConfig(method="ngram").step_draft_budget == default_step_draft_budget()

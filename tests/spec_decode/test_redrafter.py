@@ -502,7 +502,13 @@ def test_speculative_config_wires_the_lookup_beam(tmp_path):
     save_drafter(make_drafter(draft_vocab=12), str(tmp_path), dtype=torch.float32)
     on = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), beam_length=3,
                                    prompt_lookup_max=2), fake_base(), "base")
-    assert isinstance(on.lookup, NgramProposer) and (on.lookup.k, on.lookup.min_n, on.lookup.max_n) == (3, 2, 2)
+    # the lookup beam proposes lookup_length tokens (default 8), longer than the drafter's beams
+    assert isinstance(on.lookup, NgramProposer) and (on.lookup.k, on.lookup.min_n, on.lookup.max_n) == (8, 2, 2)
+    ids = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 5, 6]]
+    assert [7, 8, 9, 10, 11, 12, 13, 14] in on.propose(ids, torch.randn(1, H))[0].beams
+    short = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), lookup_length=2),
+                           fake_base(), "base")
+    assert short.lookup.k == 2 and [7, 8] in short.propose(ids, torch.randn(1, H))[0].beams
     off = build_proposer(SpecConfig(method="redrafter", drafter_path=str(tmp_path), lookup_beam=False),
                          fake_base(), "base")
     assert off.lookup is None
