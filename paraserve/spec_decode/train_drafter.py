@@ -58,6 +58,9 @@ def _f(default: Any, help: str) -> Any:
     return field(default=default, metadata={"help": help})
 
 
+SHIPPED = "shipped"  # --init-from: the drafter shipped for the model
+
+
 @dataclass(frozen=True)
 class TrainDrafterConfig:
     out: str = _f(None, "directory to write the drafter to (required)")
@@ -90,6 +93,10 @@ class TrainDrafterConfig:
     feature_loss: float = _f(0.0, "weight of a smooth-L1 loss pulling the drafter's features towards the "
                                   "base model's hidden state at each offset (as EAGLE does; 0: off)")
     bf16: bool = _f(True, "train with bfloat16 matrix products (autocast; float32 weights and loss)")
+    init_from: Optional[str] = _f(None, "go on training this drafter instead of a new one: a directory train-drafter "
+                                        "wrote, or 'shipped' (the drafter shipped for the model). Its layers and "
+                                        "drafted vocabulary are kept: --num-blocks, --draft-vocab-size and "
+                                        "--init-from-lm-head do not apply (default: a new drafter)")
     train_seed: int = _f(0, "seed of the prompt split, the sampling, the drafter init and the training order")
     data_dir: Optional[str] = _f(None, "keep the generated data (answers, hidden states) in this directory and "
                                        "reuse it when a later run asks for the same data: then only training runs")
@@ -116,6 +123,9 @@ class TrainDrafterConfig:
             raise ConfigError(f"--soft-weight must be in [0, 1], got {self.soft_weight}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ConfigError(f"--draft-vocab-size must be >= 0, got {self.draft_vocab_size}")
+        if self.init_from not in (None, SHIPPED) and not os.path.isdir(self.init_from):
+            raise ConfigError(f"--init-from {self.init_from} is not a directory (a drafter train-drafter wrote, "
+                              f"or '{SHIPPED}' for the one shipped for the model)")
 
 
 @dataclass
@@ -192,6 +202,7 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     engine_args = {**engine_args, "max_num_seqs": cfg.gen_batch}
     llm = LLM(**engine_args)
     model, name = llm.engine.worker.model, llm.engine.source.name
+    start = load_start(cfg.init_from, model, name) if cfg.init_from else None  # before minutes of work
     lap("load")
     logger.info("train-drafter: %d training prompts (greedy + %d sampled answers each, temperature %g) "
                 "+ %d held-out prompts (greedy), up to %d tokens each", len(train_prompts),
@@ -212,7 +223,7 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
             save_data(cfg.data_dir, key, data)
     train, heldout, train_h, train_t, heldout_h = data
     del data
-    drafter = new_drafter(cfg, model, name, train, train_t)
+    drafter = start if start is not None else new_drafter(cfg, model, name, train, train_t)
     data = make_training_set(train, train_h, train_t, drafter.token_ids, model.config.vocab_size, cfg)
     del train_h, train_t
     logger.info("drafter: %.1fM parameters, %d drafted tokens; %d training positions",
@@ -279,6 +290,22 @@ def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],
         with torch.no_grad():
             drafter.lm_head.weight.copy_(model.lm_head.weight[drafter.token_ids].float())
     return drafter
+
+
+def load_start(init_from: str, model, name: str) -> "ReDrafter":
+    """--init-from's drafter, in float32 for training; a clear error when it is not one for this
+    base model."""
+    from paraserve.spec_decode.redrafter import DrafterMismatchError, load_drafter, shipped_drafter_path
+
+    try:  # a drafter the user points at may come from another copy of the model: shapes only
+        path, check = (shipped_drafter_path(name), name) if init_from == SHIPPED else (init_from, None)
+        drafter = load_drafter(path, check, model.config.vocab_size, model.config.hidden_size)
+    except (DrafterMismatchError, ValueError) as e:
+        raise ConfigError(f"--init-from: {e}") from e
+    drafter.config = dataclasses.replace(drafter.config, base_model=name)  # what it is saved for
+    logger.info("train-drafter: going on from the drafter in %s (%d blocks, %d drafted tokens)", path,
+                drafter.config.num_blocks, len(drafter.token_ids))
+    return drafter.train()
 
 
 def _check_out(path: str) -> None:

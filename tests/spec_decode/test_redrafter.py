@@ -408,6 +408,15 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     assert drafter.config.draft_vocab_size == 256
     with pytest.raises(DrafterMismatchError):
         load_drafter(str(out), "SmolLM2-135M-Instruct", 49152, 576)
+    # --init-from goes on from a drafter: its layers and vocabulary, whatever the new-drafter
+    # flags say (at a vanishing learning rate the weights stay where they were)
+    went_on = train("--init-from", str(out), "--epochs", "1", "--lr", "1e-12", "--num-blocks", "1",
+                    "--draft-vocab-size", "100", to=tmp_path / "went_on")
+    after = load_drafter(str(tmp_path / "went_on"), "base", 384, 64)
+    assert after.config == drafter.config and torch.equal(after.token_ids, drafter.token_ids)
+    for (name, a), (_, b) in zip(after.state_dict().items(), drafter.state_dict().items()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-3), name
+    assert went_on["accepted_length"] == pytest.approx(report["accepted_length"], abs=0.05)
 
 
 def test_train_drafter_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
@@ -424,6 +433,17 @@ def test_train_drafter_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys)
     (tmp_path / "file").write_text("")
     assert main(["train-drafter", "--model", str(base), "--out", str(tmp_path / "file")]) == 2
     assert "cannot create --out directory" in capsys.readouterr().err
+    out = ["train-drafter", "--model", str(base), "--out", str(tmp_path / "d"), "--generated-prompts", "0"]
+    assert main(out + ["--init-from", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-from" in err and "is not a directory" in err
+    save_drafter(make_drafter(), str(tmp_path / "other"))  # hidden H, not the tiny model's 64
+    assert main(out + ["--init-from", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--init-from" in err and "trained for base model" in err, err
+    assert main(out + ["--init-from", "shipped"]) == 2  # none ships for this model
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no drafter ships" in err, err
 
 
 # ---- training set and losses -----------------------------------------------------------------
