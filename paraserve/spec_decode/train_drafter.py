@@ -240,7 +240,9 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
                 cfg.beam_width, cfg.beam_length, acc, acc_top, 100 * coverage)
     report = TrainReport(cfg.out, data.num_positions, loss, acc, acc_top, coverage, seconds)
     with open(os.path.join(cfg.out, REPORT_FILE), "w") as f:  # how this drafter was made
-        json.dump({"train": dataclasses.asdict(cfg), "report": dataclasses.asdict(report)}, f, indent=2)
+        # the drafter's own config too: with --init-from, --num-blocks and the like did not apply
+        json.dump({"train": dataclasses.asdict(cfg), "drafter": dataclasses.asdict(drafter.config),
+                   "report": dataclasses.asdict(report)}, f, indent=2)
         f.write("\n")
     logger.info("saved drafter to %s; time: %s", cfg.out,
                 ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()))
