@@ -151,6 +151,8 @@ class TrainReport:
     accepted_length_top_beam: float  # beam 0 alone (a chain draft)
     vocab_coverage: float  # share of held-out response tokens the drafter can draft
     seconds: dict[str, float]
+    # with --init-from: the starting drafter's accepted_length on the same held-out answers
+    start_accepted_length: Optional[float] = None
 
 
 # ---- CLI -----------------------------------------------------------------------------------
@@ -223,6 +225,11 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
             save_data(cfg.data_dir, key, data)
     train, heldout, train_h, train_t, heldout_h = data
     del data
+    start_acc = None
+    if start is not None:  # what training has to beat, measured as the result will be
+        start_acc = evaluate(start, heldout, heldout_h, model.embed_tokens, cfg.beam_width, cfg.beam_length)[0]
+        logger.info("train-drafter: the starting drafter's held-out mean accepted length (W=%d, L=%d): %.2f",
+                    cfg.beam_width, cfg.beam_length, start_acc)
     drafter = start if start is not None else new_drafter(cfg, model, name, train, train_t)
     data = make_training_set(train, train_h, train_t, drafter.token_ids, model.config.vocab_size, cfg)
     del train_h, train_t
@@ -235,10 +242,11 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     acc, acc_top = evaluate(saved, heldout, heldout_h, model.embed_tokens, cfg.beam_width, cfg.beam_length)
     coverage = vocab_coverage(heldout, saved.token_ids)
     lap("evaluate")
-    logger.info("held-out mean accepted length (W=%d, L=%d): %.2f tokens/step (top beam only: %.2f); "
+    logger.info("held-out mean accepted length (W=%d, L=%d): %.2f tokens/step (top beam only: %.2f%s); "
                 "the draft vocabulary holds %.1f%% of held-out response tokens",
-                cfg.beam_width, cfg.beam_length, acc, acc_top, 100 * coverage)
-    report = TrainReport(cfg.out, data.num_positions, loss, acc, acc_top, coverage, seconds)
+                cfg.beam_width, cfg.beam_length, acc, acc_top,
+                "" if start_acc is None else f"; the starting drafter: {start_acc:.2f}", 100 * coverage)
+    report = TrainReport(cfg.out, data.num_positions, loss, acc, acc_top, coverage, seconds, start_acc)
     with open(os.path.join(cfg.out, REPORT_FILE), "w") as f:  # how this drafter was made
         # the drafter's own config too: with --init-from, --num-blocks and the like did not apply
         json.dump({"train": dataclasses.asdict(cfg), "drafter": dataclasses.asdict(drafter.config),
@@ -733,7 +741,8 @@ def evaluate(drafter: "ReDrafter", samples: list[Sample], hidden: list["torch.Te
     ref, valid = _continuations(samples, length)  # [N, L] the greedy continuation after g_0
     best, top = [], []
     for a in range(0, len(h), batch):
-        beams = beam_search(drafter, h[a:a + batch], g[a:a + batch, 0], embed, width, length).token_ids
+        with torch.no_grad():  # also for a drafter in training (--init-from's, before it trains)
+            beams = beam_search(drafter, h[a:a + batch], g[a:a + batch, 0], embed, width, length).token_ids
         match = (beams == ref[a:a + batch].unsqueeze(1)) & valid[a:a + batch].unsqueeze(1)  # [b, W, L]
         accepted = match.long().cumprod(-1).sum(-1)  # [b, W]
         best.append(accepted.max(-1).values)

@@ -417,6 +417,9 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     for (name, a), (_, b) in zip(after.state_dict().items(), drafter.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), atol=1e-3), name
     assert went_on["accepted_length"] == pytest.approx(report["accepted_length"], abs=0.05)
+    # what it started from, measured on the same held-out answers (the same data dir)
+    assert went_on["start_accepted_length"] == pytest.approx(report["accepted_length"], abs=0.05)
+    assert report["start_accepted_length"] is None
     written = json.loads((tmp_path / "went_on" / "train_report.json").read_text())
     assert written["train"]["num_blocks"] == 1 and written["drafter"]["num_blocks"] == drafter.config.num_blocks
 
