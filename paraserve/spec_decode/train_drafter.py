@@ -204,7 +204,7 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     engine_args = {**engine_args, "max_num_seqs": cfg.gen_batch}
     llm = LLM(**engine_args)
     model, name = llm.engine.worker.model, llm.engine.source.name
-    start = load_start(cfg.init_from, model, name) if cfg.init_from else None  # before minutes of work
+    start = load_start(cfg.init_from, model, name, cfg) if cfg.init_from else None  # before minutes of work
     lap("load")
     logger.info("train-drafter: %d training prompts (greedy + %d sampled answers each, temperature %g) "
                 "+ %d held-out prompts (greedy), up to %d tokens each", len(train_prompts),
@@ -302,7 +302,7 @@ def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],
     return drafter
 
 
-def load_start(init_from: str, model, name: str) -> "ReDrafter":
+def load_start(init_from: str, model, name: str, cfg: TrainDrafterConfig) -> "ReDrafter":
     """--init-from's drafter, in float32 for training; a clear error when it is not one for this
     base model."""
     from paraserve.spec_decode.redrafter import DrafterMismatchError, load_drafter, shipped_drafter_path
@@ -315,7 +315,26 @@ def load_start(init_from: str, model, name: str) -> "ReDrafter":
     drafter.config = dataclasses.replace(drafter.config, base_model=name)  # what it is saved for
     logger.info("train-drafter: going on from the drafter in %s (%d blocks, %d drafted tokens)", path,
                 drafter.config.num_blocks, len(drafter.token_ids))
+    _warn_if_heldout_differs(path, cfg)
     return drafter.train()
+
+
+def _warn_if_heldout_differs(path: str, cfg: TrainDrafterConfig) -> None:
+    """The held-out prompts are a shuffle of the prompts file by --train-seed: with another seed,
+    file or count than the starting drafter's run, some of this run's held-out prompts were its
+    training prompts, and the held-out figures (its own and the result's) read too high."""
+    try:
+        with open(os.path.join(path, REPORT_FILE), encoding="utf-8") as f:
+            made = json.load(f)["train"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no report: nothing to compare
+    names = ("prompts_file", "num_heldout", "train_seed")
+    differ = [f"--{n.replace('_', '-')} {made.get(n)} -> {getattr(cfg, n)}" for n in names
+              if made.get(n) != getattr(cfg, n)]
+    if differ:
+        logger.warning("train-drafter: the held-out prompts are not the starting drafter's (%s): some may be "
+                       "prompts it was trained on, so held-out figures favour it; the same %s hold out the "
+                       "same prompts", ", ".join(differ), " / ".join(f"--{n.replace('_', '-')}" for n in names))
 
 
 def _check_out(path: str) -> None:

@@ -424,6 +424,34 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     assert written["train"]["num_blocks"] == 1 and written["drafter"]["num_blocks"] == drafter.config.num_blocks
 
 
+def test_init_from_warns_when_the_heldout_prompts_differ(tmp_path):
+    """--init-from with another --train-seed (or prompts file, or held-out count) than the
+    starting drafter's run holds out prompts it was trained on: a warning says its figures favour it."""
+    import dataclasses
+    import logging
+
+    from paraserve.spec_decode import train_drafter as td
+    from paraserve.spec_decode.redrafter import shipped_drafter_path
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append  # not caplog: the engine's log setup stops "paraserve" propagating
+    td.logger.addHandler(handler)
+    try:
+        cfg = td.TrainDrafterConfig(out=str(tmp_path / "out"))
+        td._warn_if_heldout_differs(shipped_drafter_path("SmolLM2-135M-Instruct"), cfg)  # made with seed 0
+        td._warn_if_heldout_differs(str(tmp_path), dataclasses.replace(cfg, train_seed=1))  # no report
+        assert not records
+        (tmp_path / td.REPORT_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg)}))
+        td._warn_if_heldout_differs(str(tmp_path), dataclasses.replace(cfg, train_seed=1, num_heldout=8))
+    finally:
+        td.logger.removeHandler(handler)
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    message = records[0].getMessage()
+    assert "--train-seed 0 -> 1" in message and "--num-heldout 32 -> 8" in message
+    assert "--prompts-file None" not in message
+
+
 def test_train_drafter_cli_errors_are_one_line(tmp_path, tiny_model_dir, capsys):
     from paraserve.server.cli import main
 
