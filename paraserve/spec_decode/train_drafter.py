@@ -328,13 +328,13 @@ def _warn_if_heldout_differs(path: str, cfg: TrainDrafterConfig) -> None:
             made = json.load(f)["train"]
     except (OSError, ValueError, KeyError, TypeError):
         return  # no report: nothing to compare
-    names = ("prompts_file", "num_heldout", "train_seed")
-    differ = [f"--{n.replace('_', '-')} {made.get(n)} -> {getattr(cfg, n)}" for n in names
+    flags = {n: "--" + n.replace("_", "-") for n in ("prompts_file", "num_heldout", "train_seed")}
+    differ = [f"{flag} {made.get(n)} -> {getattr(cfg, n)}" for n, flag in flags.items()
               if made.get(n) != getattr(cfg, n)]
     if differ:
         logger.warning("train-drafter: the held-out prompts are not the starting drafter's (%s): some may be "
                        "prompts it was trained on, so held-out figures favour it; the same %s hold out the "
-                       "same prompts", ", ".join(differ), " / ".join(f"--{n.replace('_', '-')}" for n in names))
+                       "same prompts", ", ".join(differ), " / ".join(flags.values()))
 
 
 def _check_out(path: str) -> None:
