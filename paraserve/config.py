@@ -181,8 +181,8 @@ def default_spec_max_running() -> int:
 
 
 # Default SpecConfig.step_draft_budget: the draft trees of one step hold at most this many nodes
-# in all, shared evenly by the requests drafting (the lookup beam's nodes first, then the
-# drafter's likeliest). Every node is one more row of the step's weight products.
+# in all, shared evenly by the requests drafting (the nodes likeliest to be accepted, the lookup
+# beam's and the drafter's: redrafter._likeliest). Every node is one more row of the step's weight products.
 # With AMX the tile products take 16 rows at once: 16. Not measured there.
 DEFAULT_STEP_DRAFT_BUDGET = 16
 # Without AMX (AMD EPYC Zen 4, bf16_gemm.cpp): the panel kernel runs up to 10 rows in one pass,
@@ -234,7 +234,7 @@ DEFAULT_LOOKUP_BEAM_MIN = 2
 # (every position of their greedy answers, the drafter's nodes beside the lookup beam in a
 # 9-node tree), max 3 / 4 tokens -> 5 / 8 gave 2.30 -> 2.33 tokens per verification on chat and
 # 2.96 -> 3.25 on code; ngram alone 1.26 -> 1.28 and 1.83 -> 2.02. A longer match (min 3) lost
-# more than it saved. The tree budgets still bound the nodes (the lookup beam's count first).
+# more than it saved. The tree budgets still bound the nodes (the likeliest of both kinds).
 DEFAULT_LOOKUP_MAX = 5
 DEFAULT_LOOKUP_TOKENS = 8
 
@@ -274,7 +274,7 @@ class SpecConfig:
     # default: default_spec_max_running() (4 with AMX, 2 without; see DEFAULT_SPEC_MAX_RUNNING)
     disable_by_batch_size: Optional[int] = None
     # a request's draft tree holds at most max(1, this / its context length) nodes (redrafter:
-    # the lookup beam's first, cut to that many tokens, then the drafter's likeliest; ngram: the
+    # the nodes likeliest to be accepted, the lookup beam's and the drafter's; ngram: the
     # draft cut to that many); 0: no bound. See DEFAULT_TREE_CONTEXT_BUDGET.
     tree_context_budget: Optional[int] = None
     # a step's draft trees hold at most this many nodes in all, max(1, this / requests drafting)

@@ -41,10 +41,15 @@ class NgramProposer(Proposer):
     def lookup(self, t: np.ndarray) -> list[int]:
         """t: [T] token ids -> up to k tokens following the latest earlier occurrence of the
         longest matching suffix of length in [min_n, max_n]; [] when none occurs."""
+        return self.match(t)[0]
+
+    def match(self, t: np.ndarray) -> tuple[list[int], int]:
+        """lookup(t) and the length of the suffix it matched (0 when none): a longer match is
+        copied on more often (ReDrafterProposer weighs the draft by it)."""
         T = len(t)
         max_n = min(self.max_n, T - 1)  # a suffix needs an earlier occurrence to match
         if max_n < self.min_n:
-            return []
+            return [], 0
         # run[j]: how many tokens ending at j equal the suffix's last ones (capped at max_n),
         # for every candidate end j in [0, T-2] at once: max_n vectorised passes, not
         # a Python loop over the context
@@ -61,5 +66,5 @@ class NgramProposer(Proposer):
             ends = np.flatnonzero(run >= n)
             if ends.size:
                 j = int(ends[-1])  # the most recent occurrence
-                return t[j + 1: j + 1 + self.k].tolist()
-        return []
+                return t[j + 1: j + 1 + self.k].tolist(), n
+        return [], 0

@@ -27,11 +27,13 @@ import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from paraserve.layers.linear import Packed, pack_weight, packed_linear
+from paraserve.spec_decode.ngram import NgramProposer
 from paraserve.spec_decode.proposer import Draft, Proposer
 
 CONFIG_FILE = "redrafter.json"
@@ -290,20 +292,51 @@ def int8_applies(drafter: ReDrafter) -> bool:
                                         for m in drafter.modules() if isinstance(m, DraftLinear))
 
 
-def _likeliest(kept: list[tuple[float, tuple[int, ...]]], extra: list[list[int]],
-               max_nodes: int) -> list[tuple[float, tuple[int, ...]]]:
-    """The drafter's nodes `kept` ((log-prob, path) each, prefix-closed) that fit beside the
-    nodes of the `extra` beams in a tree of at most max_nodes nodes, likeliest first; nodes
-    the extra beams hold cost nothing."""
-    fixed = {tuple(beam[:i]) for beam in extra for i in range(1, len(beam) + 1)}
-    room = max_nodes - len(fixed)
-    out = []
-    for lp, path in sorted(kept, key=lambda k: (-k[0], len(k[1]))):
-        if path in fixed:
-            out.append((lp, path))
-        elif room > 0:
-            out.append((lp, path))
-            room -= 1
+# How often a prompt-lookup draft token is the base model's next token, given the draft's
+# tokens before it were: by the length n of the suffix it matched (5 stands for 5 and more),
+# for its first token and for each later one. Measured offline over every position of the
+# greedy answers to the 32 bench chat and 32 code prompts (SmolLM2-135M-Instruct), rounded
+# between the two sets: chat first/later 0.16/0.58 at n=1, 0.49/0.68 at 2, 0.63/0.72 at 3,
+# 0.69/0.75 at 4, 0.81/0.85 at 5; code 0.24/0.61, 0.37/0.71, 0.69/0.86, 0.71/0.90, 0.92/0.94.
+# A copy tends to go on once it has started, and a long match is copied far more often.
+LOOKUP_FIRST_PROB = (0.2, 0.45, 0.65, 0.7, 0.85)
+LOOKUP_NEXT_PROB = (0.6, 0.7, 0.8, 0.8, 0.9)
+
+
+def lookup_path_probs(draft: Sequence[int], match: int) -> dict[tuple[int, ...], float]:
+    """Each prefix of a prompt-lookup draft (matched on `match` tokens) -> the estimated
+    probability that the base model's next tokens are that prefix (LOOKUP_*_PROB)."""
+    n = min(max(match, 1), len(LOOKUP_FIRST_PROB)) - 1
+    out, p = {}, 1.0
+    for i in range(len(draft)):
+        p *= LOOKUP_FIRST_PROB[n] if i == 0 else LOOKUP_NEXT_PROB[n]
+        out[tuple(draft[:i + 1])] = p
+    return out
+
+
+def _likeliest(kept: dict[tuple[int, ...], float], chain: Sequence[int], match: int,
+               max_nodes: int) -> dict[tuple[int, ...], float]:
+    """The tree of at most max_nodes nodes most likely to be accepted, from the drafter's nodes
+    `kept` (path -> log-prob, prefix-closed) and the prompt-lookup draft `chain` (matched on
+    `match` tokens). A node's score is the probability that the base model's next tokens are
+    its path: exp(log-prob) for the drafter's, lookup_path_probs for the lookup's, and for a
+    node both propose, the chance that either is right (1 - (1 - a)(1 - b)). The expected
+    number of accepted drafts is the sum of the scores of a tree's nodes, and a prefix scores
+    at least what its extensions do, so the highest max_nodes scores form the best tree.
+    Returns path -> score.
+
+    Offline (the shipped drafter, 9-node trees, the greedy answers to the 32 bench prompts of
+    each set walked as the engine steps) this gave 2.32 -> 2.35 tokens per verification on
+    chat and 3.27 -> 3.34 on code against taking the lookup draft's nodes first."""
+    score = {path: math.exp(lp) for path, lp in kept.items()}
+    for path, p in lookup_path_probs(chain, match).items():
+        score[path] = 1.0 - (1.0 - score.get(path, 0.0)) * (1.0 - p)
+    out: dict[tuple[int, ...], float] = {}
+    for path, p in sorted(score.items(), key=lambda kv: (-kv[1], len(kv[0]))):
+        if len(out) == max_nodes:
+            break
+        if len(path) == 1 or path[:-1] in out:
+            out[path] = p
     return out
 
 
@@ -379,7 +412,7 @@ class ReDrafterProposer(Proposer):
                  drafter_path: Optional[str] = None, beam_width: int = 4, beam_length: int = 4,
                  num_speculative_tokens: Optional[int] = None, drafter: Optional[ReDrafter] = None,
                  dtype: Optional[torch.dtype] = None, min_draft_prob: float = 0.0,
-                 lookup: Optional[Proposer] = None, int8: Optional[bool] = False) -> None:
+                 lookup: Optional[NgramProposer] = None, int8: Optional[bool] = False) -> None:
         if num_speculative_tokens is not None:
             beam_length = num_speculative_tokens  # vLLM's name for the draft length
         if beam_width < 1 or beam_length < 1:
@@ -434,26 +467,25 @@ class ReDrafterProposer(Proposer):
         last = torch.tensor([t[-1] for t in token_ids], dtype=torch.int64,
                             device=hidden_states.device)
         beams = self.propose_tensors(hidden_states, last)
-        lookups = (self.lookup.propose(token_ids, max_nodes=max_nodes) if self.lookup is not None
-                   else [Draft(beams=[]) for _ in token_ids])
         # the tree: every beam the search held at any step whose log-prob (that of its whole
         # prefix) is at least min_logprob, given as its leaves (the tree adds their prefixes),
-        # and the prompt-lookup beam. With max_nodes the whole tree holds at most that many
-        # nodes: the lookup beam's first (where it is kept it is accepted far more often than the
-        # drafter's least likely nodes: on chat prompts it gave 0.3 tokens per node it added),
-        # then the drafter's likeliest (a prefix is at least as likely as its extensions, so
-        # they form a tree). Deepest first, likelier first: the first leaf is the best final
-        # beam kept, whose nodes are laid out first (an accepted path along it needs no K/V move).
+        # and the prompt-lookup draft as one more beam. With max_nodes the whole tree holds at
+        # most that many nodes: those likeliest to be accepted (_likeliest weighs the lookup
+        # draft by how long a suffix it matched). Deepest first, likelier first: the first leaf
+        # is the best beam kept, whose nodes are laid out first (an accepted path along it needs
+        # no K/V move).
         drafts = []
         for b, (paths, lps) in enumerate(zip(beams.visited.tolist(), beams.visited_logprobs.tolist())):
-            extra = lookups[b].beams
-            kept = [(lp, tuple(t for t in path if t >= 0)) for path, lp in zip(paths, lps)
-                    if lp >= self.min_logprob]
+            chain, match = (self.lookup.match(np.asarray(token_ids[b], dtype=np.int64))
+                            if self.lookup is not None else ([], 0))
+            kept = {tuple(t for t in path if t >= 0): lp for path, lp in zip(paths, lps)
+                    if lp >= self.min_logprob}
             if max_nodes is not None:
-                kept = _likeliest(kept, extra, max_nodes[b])
-            inner = {path[:-1] for _, path in kept}
-            leaves = sorted(((-len(path), -lp), path) for lp, path in kept if path not in inner)
+                kept = _likeliest(kept, chain, match, max_nodes[b])
+                chain = []  # its nodes that fit are in kept
+            inner = {path[:-1] for path in kept}
+            leaves = sorted(((-len(path), -p), path) for path, p in kept.items() if path not in inner)
             # deterministic drafts: verification treats them as point masses, which is lossless
             beams_b = [list(path) for _, path in leaves]
-            drafts.append(Draft(beams=beams_b + [x for x in extra if x not in beams_b]))
+            drafts.append(Draft(beams=beams_b + [chain] if chain and chain not in beams_b else beams_b))
         return drafts

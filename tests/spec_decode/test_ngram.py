@@ -86,3 +86,11 @@ def test_registry_and_batch():
         get_proposer("nope")
     with pytest.raises(ValueError):
         NgramProposer(min_n=3, max_n=2)
+
+
+def test_match_reports_the_matched_length():
+    tokens = [1, 2, 3, 9, 3, 7, 1, 2, 3]  # "1 2 3" at the start, "3" alone later
+    p = NgramProposer(1, 1, 3)
+    assert p.match(np.asarray(tokens)) == ([9], 3)
+    assert NgramProposer(1, 1, 1).match(np.asarray(tokens)) == ([7], 1)
+    assert p.match(np.asarray([1, 2, 3, 4])) == ([], 0)

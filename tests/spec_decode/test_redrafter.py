@@ -1,5 +1,6 @@
 """ReDrafter: the recurrence, beam search against a slow reference, files, the proposer, and
 self-distillation end to end on a tiny model whose greedy continuation is predictable."""
+import itertools
 import json
 import math
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from paraserve.spec_decode.proposer import Draft, get_proposer
-from paraserve.spec_decode.redrafter import (DrafterMismatchError, ReDrafter, ReDrafterConfig,
-                                             ReDrafterProposer, beam_search, load_drafter,
-                                             save_drafter)
+from paraserve.spec_decode.proposer import get_proposer
+from paraserve.spec_decode.redrafter import (LOOKUP_FIRST_PROB, LOOKUP_NEXT_PROB, DrafterMismatchError,
+                                             ReDrafter, ReDrafterConfig, ReDrafterProposer, beam_search,
+                                             load_drafter, lookup_path_probs, save_drafter)
 from paraserve.spec_decode.tree import DraftTree
 
 V, H = 40, 16
@@ -252,29 +253,55 @@ def reference_tree(drafter, h, last, embed, W, L, min_logprob, scores=False):
     return out if scores else [set(d) for d in out]
 
 
-def test_max_nodes_bounds_the_whole_tree_lookup_beam_first(tmp_path):
-    """With max_nodes, a request's tree holds at most that many nodes: the lookup beam (cut to
-    that many tokens) and then the search's likeliest nodes (a tree: a prefix is at least as
-    likely as its extensions), as many as fit; requests without a bound keep every node."""
+def best_tree(score: dict, cap: int) -> set:
+    """Brute force: of the prefix-closed sets of min(cap, len(score)) paths, the one whose
+    scores sum highest (the expected number of accepted drafts)."""
+    size = min(cap, len(score))
+    best, best_sum = None, -1.0
+    for subset in itertools.combinations(score, size):
+        chosen = set(subset)
+        if all(len(p) == 1 or p[:-1] in chosen for p in chosen):
+            total = sum(score[p] for p in chosen)
+            if total > best_sum:
+                best, best_sum = chosen, total
+    return best
+
+
+def test_max_nodes_keeps_the_likeliest_tree(tmp_path):
+    """With max_nodes, a request's tree holds at most that many nodes: the prefix-closed set
+    with the highest sum of acceptance estimates, against a brute force over every such set.
+    The drafter's nodes score their probability, the lookup draft's nodes the measured rate for
+    its match length, a node both propose the chance that either is right. Requests without a
+    bound keep every node."""
     drafter, embed = make_drafter(draft_vocab=12), make_embed()
     save_drafter(drafter, str(tmp_path), dtype=torch.float32)
     lookup = get_proposer("ngram", num_speculative_tokens=4, min_n=1, max_n=2)
     proposer = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=3, beam_length=4,
                                  lookup=lookup)
-    h, last = torch.randn(4, H), torch.randint(0, 30, (4,))
+    h, last = torch.randn(5, H), torch.randint(0, 30, (5,))
     ids = [[int(t), 30, 31, 32, 33, int(t)] for t in last]  # the lookup continues with 30, 31, ...
-    caps = [1, 3, 6, 100]
+    # request 3's lookup draft is the drafter's likeliest beam: both propose its nodes
     with torch.no_grad():
         nodes = reference_tree(drafter, h, last, embed, 3, 4, -math.inf, scores=True)
-    for d, cap, ref in zip(proposer.propose(ids, h, max_nodes=caps), caps, nodes):
-        chain = {(30, 31, 32, 33)[:k] for k in range(1, min(cap, 4) + 1)}
+    top = max((p for p in nodes[3] if len(p) == 4), key=nodes[3].get)
+    ids[3] = [int(last[3]), *top, int(last[3])]
+    caps = [1, 3, 6, 5, 100]
+    first, later = LOOKUP_FIRST_PROB[0], LOOKUP_NEXT_PROB[0]  # a one-token match
+    for b, (d, cap, ref) in enumerate(zip(proposer.propose(ids, h, max_nodes=caps), caps, nodes)):
+        chain = ids[b][1:5]
+        score = {p: math.exp(lp) for p, lp in ref.items()}
+        for k in range(1, 5):
+            q = first * later ** (k - 1)
+            score[tuple(chain[:k])] = 1 - (1 - score.get(tuple(chain[:k]), 0.0)) * (1 - q)
         tree = DraftTree.from_beams(1, d.beams)
         got = {tree.path(n) for n in range(1, tree.num_nodes)}
-        assert chain <= got and got <= chain | set(ref)
-        assert len(got) == min(cap, len(chain | set(ref)))  # as many as fit
-        picked, left = got - chain, set(ref) - got
-        assert all(ref[p] >= ref[q] for p in picked for q in left)  # the likeliest
-    assert len(got) == 12 + 4 and len(ref) == 12  # the last request is not bounded: every node
+        assert tree.num_nodes - 1 == len(got)  # no node twice
+        if cap < 100:
+            assert got == best_tree(score, cap)
+    assert len(got) == 12 + 4 and len(ref) == 12  # the unbounded request: every node
+    # the long match's lookup nodes outscore the one-token match's: they are kept first
+    assert lookup_path_probs([1, 2], 5)[(1, 2)] > lookup_path_probs([1, 2], 1)[(1, 2)]
+    assert lookup_path_probs([1, 2], 9) == lookup_path_probs([1, 2], 5)
 
 
 def test_lookup_beam_joins_the_drafter_beams(tmp_path):
@@ -291,9 +318,9 @@ def test_lookup_beam_joins_the_drafter_beams(tmp_path):
     got = [d.beams for d in mixed.propose(ids, h)]
     assert got[0] == base[0] + [[7, 8, 5]] and got[1] == base[1] and got[2] == base[2] + [[9]]
     # a lookup draft equal to a drafter beam is not verified twice
+    first_beam = {tuple(t): b[0] for t, b in zip(ids, base)}
     same = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
-                             lookup=SimpleNamespace(propose=lambda t, h=None, max_nodes=None:
-                                                    [Draft(beams=[b[0]]) for b in base]))
+                             lookup=SimpleNamespace(match=lambda t: (first_beam[tuple(t.tolist())], 2)))
     assert [d.beams for d in same.propose(ids, h)] == base
 
 
