@@ -50,21 +50,20 @@ class NgramProposer(Proposer):
         max_n = min(self.max_n, T - 1)  # a suffix needs an earlier occurrence to match
         if max_n < self.min_n:
             return [], 0
-        # run[j]: how many tokens ending at j equal the suffix's last ones (capped at max_n),
-        # for every candidate end j in [0, T-2] at once: max_n vectorised passes, not
-        # a Python loop over the context
-        run = np.zeros(T - 1, dtype=np.int64)  # [T - 1]
-        alive = np.ones(T - 1, dtype=bool)
-        for i in range(max_n):
-            eq = np.zeros(T - 1, dtype=bool)
-            eq[i:] = t[: T - 1 - i] == t[T - 1 - i]  # t[j - i] == t[T - 1 - i] for j >= i
-            alive &= eq
+        # candidate ends j in [0, T-2] of an earlier occurrence: t[j] equals the last token
+        # (one vectorised pass over the context); then the match length of every candidate
+        # at once, one pass per further suffix token over the candidates only
+        ends = np.flatnonzero(t[:-1] == t[-1])  # [C] ascending
+        run = np.ones(ends.size, dtype=np.int64)  # [C] tokens matched, capped at max_n
+        alive = np.ones(ends.size, dtype=bool)
+        for i in range(1, max_n):
+            alive &= ends >= i
+            alive[alive] = t[ends[alive] - i] == t[T - 1 - i]
             if not alive.any():
                 break
             run += alive
-        for n in range(max_n, self.min_n - 1, -1):
-            ends = np.flatnonzero(run >= n)
-            if ends.size:
-                j = int(ends[-1])  # the most recent occurrence
-                return t[j + 1: j + 1 + self.k].tolist(), n
-        return [], 0
+        best = int(run.max()) if ends.size else 0
+        if best < self.min_n:
+            return [], 0
+        j = int(ends[np.flatnonzero(run == best)[-1]])  # the most recent of the longest
+        return t[j + 1: j + 1 + self.k].tolist(), best

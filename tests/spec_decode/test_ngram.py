@@ -12,15 +12,16 @@ def lookup(tokens, k=4, min_n=1, max_n=3) -> list[int]:
     return NgramProposer(k, min_n, max_n).lookup(np.asarray(tokens))
 
 
-def brute_force(tokens: list[int], k: int, min_n: int, max_n: int) -> list[int]:
+def brute_force(tokens: list[int], k: int, min_n: int, max_n: int, with_length: bool = False):
     for n in range(max_n, min_n - 1, -1):
         if n >= len(tokens):
             continue
         suffix = tokens[-n:]
         for start in range(len(tokens) - n - 1, -1, -1):  # latest earlier occurrence first
             if tokens[start:start + n] == suffix:
-                return tokens[start + n:start + n + k]
-    return []
+                draft = tokens[start + n:start + n + k]
+                return (draft, n) if with_length else draft
+    return ([], 0) if with_length else []
 
 
 def test_match_proposes_the_continuation():
@@ -67,6 +68,8 @@ def test_matches_brute_force(seed):
         max_n = rng.randint(min_n, 5)
         k = rng.randint(1, 6)
         assert lookup(tokens, k, min_n, max_n) == brute_force(tokens, k, min_n, max_n)
+        assert (NgramProposer(k, min_n, max_n).match(np.asarray(tokens, dtype=np.int64))
+                == brute_force(tokens, k, min_n, max_n, with_length=True))
 
 
 def test_long_context_is_fast_enough():
