@@ -34,6 +34,11 @@ from paraserve.models.loader import ModelSource
 logger = logging.getLogger("paraserve")
 
 
+# how long a rank's failure waits for a peer's death to show, the likelier cause (MultiprocExecutor,
+# RayExecutor)
+PEER_DEATH_WAIT_S = 2.0
+
+
 class WorkerDiedError(RuntimeError):
     """A worker process died or failed: the engine cannot run steps any more."""
 
@@ -228,9 +233,26 @@ class MultiprocExecutor(Executor):
                 if status == "error":
                     exc, text = payload
                     logger.error("worker rank %d failed:\n%s", p.rank, text)
+                    gone = self._exited_peer(p)
+                    if gone is not None:  # the cause: its death broke p's collective
+                        self._fail(f"worker rank {gone.rank} (pid {gone.process.pid}) {gone.describe_exit()}", exc)
                     self._fail(f"worker rank {p.rank} failed: {type(exc).__name__}: {exc}", exc)
                 results[p.rank] = payload
         return [results[r] for r in sorted(want)]
+
+    def _exited_peer(self, failed: _Proc) -> Optional[_Proc]:
+        """Another rank whose process has exited, waiting up to PEER_DEATH_WAIT_S for one. When a
+        worker dies, its peers' collectives fail on the closed connections (gloo: "Connection
+        reset by peer"), sometimes before the driver sees the death: that rank, not the peer's
+        error, is the cause to report (as RayExecutor does)."""
+        others = [q for q in self.procs if q is not failed]
+        deadline = time.monotonic() + PEER_DEATH_WAIT_S
+        while True:
+            gone = next((q for q in others if q.process.exitcode is not None), None)
+            left = deadline - time.monotonic()
+            if gone is not None or left <= 0 or not others:
+                return gone
+            wait_ready([q.process.sentinel for q in others], timeout=left)
 
     def _fail(self, reason: str, cause: Optional[BaseException] = None) -> None:
         """A worker is gone or broken: stop the others (they may be stuck in a collective with

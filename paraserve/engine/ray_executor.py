@@ -21,14 +21,12 @@ from typing import Any, Optional
 
 from paraserve.config import ConfigError, EngineConfig
 from paraserve.core.outputs import ModelRunnerOutput, SchedulerOutput
-from paraserve.engine.executor import Executor, WorkerDiedError, dist_backend
+from paraserve.engine.executor import PEER_DEATH_WAIT_S, Executor, WorkerDiedError, dist_backend
 from paraserve.models.loader import ModelSource
 
 logger = logging.getLogger("paraserve")
 
 PLACEMENT_TIMEOUT_S = 120.0
-# how long a failed call waits for Ray to report a dead peer as the failure's cause
-PEER_DEATH_WAIT_S = 2.0
 
 
 class RayWorker:

@@ -359,6 +359,47 @@ def test_ray_failure_names_the_dead_peer_over_its_victim(monkeypatch, dead, expe
     assert isinstance(info.value.__cause__, RuntimeError)  # the victim's error stays as the cause
 
 
+def _reply_an_error(conn) -> None:
+    conn.send(("error", (RuntimeError("Connection reset by peer"), "traceback")))
+    time.sleep(30)
+
+
+def _die_soon() -> None:
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("peer_dies, expected", [
+    (True, r"worker rank 1 \(pid \d+\) was killed by SIGKILL"),
+    (False, r"worker rank 0 failed: RuntimeError: Connection reset by peer")])
+def test_mp_failure_names_the_dead_peer_over_its_victim(monkeypatch, peer_dies, expected):
+    """The process executor, as Ray's above: rank 0 replies an error (its collective read a
+    closed connection) before rank 1's death shows; the error names the dead rank. With no
+    dead peer it names the rank that failed."""
+    import multiprocessing
+
+    from paraserve.engine import executor
+
+    monkeypatch.setattr(executor, "PEER_DEATH_WAIT_S", 5.0 if peer_dies else 0.2)
+    ctx = multiprocessing.get_context("fork")  # the children only sleep, send and die
+    conns, procs = [], []
+    for rank in range(2):
+        here, there = ctx.Pipe()
+        target, args = (_reply_an_error, (there,)) if rank == 0 else (
+            (_die_soon, ()) if peer_dies else (time.sleep, (30,)))
+        procs.append(ctx.Process(target=target, args=args, daemon=True))
+        procs[-1].start()
+        conns.append(here)
+    ex = executor.MultiprocExecutor.__new__(executor.MultiprocExecutor)
+    ex.procs = [executor._Proc(rank, proc, conn) for rank, (proc, conn) in enumerate(zip(procs, conns))]
+    ex.world_size, ex.dead, ex._closed = 2, None, False
+    ex._finalizer = lambda: executor._stop_processes(procs, 0.0)
+    with pytest.raises(WorkerDiedError, match=expected) as info:
+        ex._gather([0])
+    assert isinstance(info.value.__cause__, RuntimeError)  # the victim's error stays as the cause
+    assert not any(p.is_alive() for p in procs)
+
+
 def test_server_on_a_ray_cluster_it_started_stops_cleanly(tiny_model_dir):
     """With no Ray connection open, the engine starts a local cluster from its engine thread and
     closes it from there on SIGTERM: Ray's local processes die with the thread that started
