@@ -182,7 +182,8 @@ def default_spec_max_running() -> int:
 
 # Default SpecConfig.step_draft_budget: the draft trees of one step hold at most this many nodes
 # in all, shared evenly by the requests drafting (the nodes likeliest to be accepted, the lookup
-# beam's and the drafter's: redrafter._likeliest). Every node is one more row of the step's weight products.
+# beam's and the drafter's: redrafter._likeliest). Every node is one more row of the step's
+# weight products.
 # With AMX the tile products take 16 rows at once: 16. Not measured there.
 DEFAULT_STEP_DRAFT_BUDGET = 16
 # Without AMX (AMD EPYC Zen 4, bf16_gemm.cpp): the panel kernel runs up to 10 rows in one pass,
