@@ -3,7 +3,7 @@
 Pure tensor functions over a batch of requests (PackedTrees, node 0 = root, see tree.py):
 no .item() and no data-dependent shapes, so on GPU the caller's read of the result is the one
 host sync. Python loops run over the static beam width W and length L, or node count N only.
-The engine's greedy rows take verify_greedy_lists, the same rule walked on Python lists from the
+The engine's greedy rows take verify_greedy_rows, the same rule walked on Python lists from the
 argmax's one host read: cheaper than ~20 tiny tensor ops at the few trees a step holds.
 
 Sampling rule, and why it is lossless. One speculative step (Leviathan et al. 2023, "Fast
@@ -51,6 +51,17 @@ class VerifyOutput:
     output_token_ids: torch.Tensor  # [B, L + 1] int64
     last_node: torch.Tensor  # [B] int64 deepest accepted node (0: the root, nothing accepted)
 
+    def rows(self) -> list[list[int]]:
+        """Per tree, one list: [num_accepted, last_node, accepted_nodes (L), output_token_ids
+        (L + 1)] (one host read)."""
+        return torch.cat([self.num_accepted.unsqueeze(1), self.last_node.unsqueeze(1), self.accepted_nodes,
+                          self.output_token_ids], 1).tolist()
+
+    @classmethod
+    def from_rows(cls, rows: list[list[int]], L: int, device: Optional[torch.device] = None) -> "VerifyOutput":
+        t = torch.tensor(rows, dtype=torch.int64, device=device).view(len(rows), 2 * L + 3)
+        return cls(t[:, 0], t[:, 2:2 + L], t[:, 2 + L:], t[:, 1])
+
 
 def verify_greedy(target_logits: torch.Tensor, trees: PackedTrees) -> VerifyOutput:
     """target_logits: [B, N, V] (row i predicts the token after node i), after any processing
@@ -71,19 +82,18 @@ def verify_greedy_argmax(argmax: torch.Tensor, trees: PackedTrees) -> VerifyOutp
     return _finish(trees, last, argmax.gather(1, last.unsqueeze(1)).squeeze(1))
 
 
-def verify_greedy_lists(argmax: list[int], trees: PackedTrees) -> VerifyOutput:
-    """verify_greedy_argmax from the flat argmax per node as a list ([T], tree after tree), on
-    Python lists: at the few small trees a speculative step holds, ~20 tiny tensor ops cost
-    ~0.3 ms more than walking the trees (the argmax's .tolist() is the one host sync)."""
-    B, L = len(trees.beam_shapes), trees.unpack.shape[2]
-    tokens, parents = trees.node_tokens.tolist(), trees.node_parents.tolist()
-    depths = trees.node_depths.tolist()
-    num, nodes, out, last = [], [], [], []
-    for b, (start, size) in enumerate(zip(trees.query_start_loc, trees.num_nodes)):
-        tok, par, dep = tokens[b], parents[b], depths[b]
-        accepted = [True] + [False] * (size - 1)
+def verify_greedy_rows(argmax: list[int], trees: PackedTrees) -> list[list[int]]:
+    """verify_greedy_argmax from the flat argmax per node as a list ([T], tree after tree),
+    walked on the trees' lists: at the few small trees a speculative step holds, ~20 tiny
+    tensor ops cost ~0.3 ms more than the walk (the argmax's .tolist() is the one host sync).
+    Returns VerifyOutput.rows()'s layout."""
+    L = trees.beam_length
+    out = []
+    for start, tree in zip(trees.query_start_loc, trees.trees):
+        tok, par, dep = tree.tokens, tree.parent, tree.depth
+        accepted = [True] + [False] * (tree.num_nodes - 1)
         deepest = 0
-        for i in range(1, size):  # parents come first, and siblings carry distinct tokens
+        for i in range(1, tree.num_nodes):  # parents come first, and siblings carry distinct tokens
             if accepted[par[i]] and tok[i] == argmax[start + par[i]]:
                 accepted[i] = True
                 if dep[i] > dep[deepest]:
@@ -93,14 +103,14 @@ def verify_greedy_lists(argmax: list[int], trees: PackedTrees) -> VerifyOutput:
             path.append(i)
             i = par[i]
         path.reverse()
-        num.append(len(path))
-        nodes.append(path + [0] * (L - len(path)))
-        out.append([tok[i] for i in path] + [argmax[start + deepest]] + [0] * (L - len(path)))
-        last.append(deepest)
-    device = trees.node_tokens.device
-    as_tensor = lambda x: torch.tensor(x, dtype=torch.int64, device=device)  # noqa: E731
-    return VerifyOutput(as_tensor(num), as_tensor(nodes).view(B, L), as_tensor(out).view(B, L + 1),
-                        as_tensor(last))
+        pad = [0] * (L - len(path))
+        out.append([len(path), deepest] + path + pad + [tok[i] for i in path] + [argmax[start + deepest]] + pad)
+    return out
+
+
+def verify_greedy_lists(argmax: list[int], trees: PackedTrees) -> VerifyOutput:
+    """verify_greedy_rows as a VerifyOutput."""
+    return VerifyOutput.from_rows(verify_greedy_rows(argmax, trees), trees.beam_length, trees.device)
 
 
 def verify_sampling(target_probs: torch.Tensor, trees: PackedTrees,

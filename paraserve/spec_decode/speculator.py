@@ -23,7 +23,7 @@ from paraserve.layers.sampler import (SamplingMetadata, SamplingRow, argmax, pro
                                       sampling_probs)
 from paraserve.sampling_params import SamplingParams
 from paraserve.spec_decode.proposer import Proposer, get_proposer
-from paraserve.spec_decode.rejection_sampler import VerifyOutput, verify_greedy_lists, verify_sampling
+from paraserve.spec_decode.rejection_sampler import verify_greedy_rows, verify_sampling
 from paraserve.spec_decode.tree import DraftTree, PackedTrees
 
 logger = logging.getLogger("paraserve")
@@ -75,16 +75,18 @@ class Speculator:
             bounds.append(min(b for b in (by_context, share) if b is not None))
         return bounds
 
-    def verify(self, logits: torch.Tensor, trees: PackedTrees, rows: list[SamplingRow]) -> VerifyOutput:
+    def verify(self, logits: torch.Tensor, trees: PackedTrees, rows: list[SamplingRow]) -> list[list[int]]:
         """logits: [T, V] raw logits of every tree node, flat, tree after tree in `trees`' order;
-        rows: one per tree, its request's sampling state."""
+        rows: one per tree, its request's sampling state. Returns, per tree, VerifyOutput.rows():
+        [num_accepted, last_node, accepted nodes (L), emitted tokens (L + 1)], L the trees'
+        longest beam."""
         if all(r.params.greedy and not r.params.logit_bias for r in rows):
-            return verify_greedy_lists(argmax(logits).tolist(), trees)
+            return verify_greedy_rows(argmax(logits).tolist(), trees)
         per_node = [r for r, n in zip(rows, trees.num_nodes) for _ in range(n)]
         meta = SamplingMetadata.build(per_node, self.vocab_size, logits.device)
         x = process_logits(logits.to(torch.float32, copy=True), meta)  # [T, V]: logit_bias
         if meta.all_greedy:
-            return verify_greedy_lists(argmax(x).tolist(), trees)
+            return verify_greedy_rows(argmax(x).tolist(), trees)
         greedy = None if meta.greedy_mask is None else argmax(x)  # [T]; before x is scaled
         probs = target_probs(x, meta)  # [T, V]
         if greedy is not None:  # a point mass at the argmax: verify_sampling is then greedy
@@ -93,7 +95,7 @@ class Speculator:
         generators = {b: r.generator for b, r in enumerate(rows)
                       if r.generator is not None and not r.params.greedy}
         # ReDrafter's beams and prompt lookup are deterministic drafts: draft_probs None
-        return verify_sampling(trees.gather(probs), trees, None, generators)
+        return verify_sampling(trees.gather(probs), trees, None, generators).rows()
 
 
 def target_probs(x: torch.Tensor, meta: SamplingMetadata) -> torch.Tensor:

@@ -9,26 +9,30 @@ its children's), so a node's ancestors sit left of it and a path's nodes ascend 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 
-@dataclass
+@dataclass(eq=False)
 class DraftTree:
-    token_ids: torch.Tensor  # [N] int64; [0] is the root
-    parents: torch.Tensor  # [N] int64; parents[0] = 0: the root is its own parent
-    depths: torch.Tensor  # [N] int64; position offset from the root (root 0)
-    attn_mask: torch.Tensor  # [N, N] bool; [i, j]: j is i or an ancestor of i
-    # beam w's token l (depth l + 1) is node unpack[w, l]; beams may be shorter than L
-    unpack: torch.Tensor  # [W, L] int64; 0 (the root) where unpack_valid is False
-    unpack_valid: torch.Tensor  # [W, L] bool
+    """Plain lists are the tree; the tensor views (token_ids ... unpack_valid) are built on first
+    use. The engine's greedy path walks the lists only: at batch 1 a step's ~10 tensors from
+    lists, and back, cost more than the walk itself."""
+    tokens: list[int]  # [N]; [0] is the root
+    parent: list[int]  # [N]; parent[0] = 0: the root is its own parent
+    depth: list[int]  # [N]; position offset from the root (root 0)
+    beam_nodes: list[list[int]]  # [W] beam w's nodes, depth 1 first (may be empty)
 
     @property
     def num_nodes(self) -> int:
-        return self.token_ids.shape[0]
+        return len(self.tokens)
+
+    @property
+    def beam_length(self) -> int:
+        return max((len(b) for b in self.beam_nodes), default=0)
 
     @classmethod
     def from_beams(cls, root_token: int, beams: Sequence[Sequence[int]]) -> "DraftTree":
@@ -36,41 +40,71 @@ class DraftTree:
         prefix tree: a shared prefix is stored, and verified, once."""
         tokens, parents, depths = [root_token], [0], [0]
         child: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
-        max_len = max((len(b) for b in beams), default=0)
-        unpack = [[0] * max_len for _ in beams]
-        for w, beam in enumerate(beams):
-            node = 0
-            for l, tok in enumerate(beam):
+        beam_nodes = []
+        for beam in beams:
+            node, path = 0, []
+            for tok in beam:
                 key = (node, int(tok))
-                if key not in child:  # nodes are created in beam order: parents come first
-                    child[key] = len(tokens)
-                    tokens.append(int(tok))
-                    parents.append(node)
-                    depths.append(l + 1)
-                node = unpack[w][l] = child[key]
-        n = len(tokens)
-        rows = [[True] + [False] * (n - 1)]
-        for i in range(1, n):  # a node sees what its parent sees, and itself
-            rows.append(rows[parents[i]].copy())
-            rows[i][i] = True
-        lengths = torch.tensor([len(b) for b in beams], dtype=torch.int64)  # [W]
-        return cls(
-            token_ids=torch.tensor(tokens, dtype=torch.int64),
-            parents=torch.tensor(parents, dtype=torch.int64),
-            depths=torch.tensor(depths, dtype=torch.int64),
-            attn_mask=torch.tensor(rows, dtype=torch.bool),
-            unpack=torch.tensor(unpack, dtype=torch.int64).view(len(beams), max_len),
-            unpack_valid=torch.arange(max_len).unsqueeze(0) < lengths.unsqueeze(1),
-        )
+                node = child.get(key, 0)
+                if not node:  # nodes are created in beam order: parents come first
+                    node = child[key] = len(tokens)
+                    tokens.append(key[1])
+                    parents.append(key[0])
+                    depths.append(len(path) + 1)
+                path.append(node)
+            beam_nodes.append(path)
+        return cls(tokens, parents, depths, beam_nodes)
 
     def prefix(self, n: int) -> "DraftTree":
         """The first n nodes (n >= 1), e.g. when the step's token budget has no room for all:
         a tree again, since a parent precedes its children. Beams end where they leave it."""
         if n >= self.num_nodes:
             return self
-        valid = self.unpack_valid & (self.unpack < n)  # node ids grow along a beam: a prefix stays
-        return DraftTree(self.token_ids[:n], self.parents[:n], self.depths[:n],
-                         self.attn_mask[:n, :n], torch.where(valid, self.unpack, 0), valid)
+        cut = []
+        for path in self.beam_nodes:  # node ids grow along a beam: a prefix stays
+            k = 0
+            while k < len(path) and path[k] < n:
+                k += 1
+            cut.append(path[:k])
+        return DraftTree(self.tokens[:n], self.parent[:n], self.depth[:n], cut)
+
+    def mask_rows(self) -> list[list[bool]]:
+        """attn_mask as lists: row i is True at i and its ancestors."""
+        n = self.num_nodes
+        rows = [[True] + [False] * (n - 1)]
+        for i in range(1, n):  # a node sees what its parent sees, and itself
+            rows.append(rows[self.parent[i]].copy())
+            rows[i][i] = True
+        return rows
+
+    @cached_property
+    def token_ids(self) -> torch.Tensor:  # [N] int64
+        return torch.tensor(self.tokens, dtype=torch.int64)
+
+    @cached_property
+    def parents(self) -> torch.Tensor:  # [N] int64
+        return torch.tensor(self.parent, dtype=torch.int64)
+
+    @cached_property
+    def depths(self) -> torch.Tensor:  # [N] int64
+        return torch.tensor(self.depth, dtype=torch.int64)
+
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:  # [N, N] bool; [i, j]: j is i or an ancestor of i
+        return torch.tensor(self.mask_rows(), dtype=torch.bool)
+
+    @cached_property
+    def unpack(self) -> torch.Tensor:
+        """[W, L] int64: beam w's token l (depth l + 1) is node unpack[w, l]; 0 (the root) where
+        unpack_valid is False (beams may be shorter than L)."""
+        L = self.beam_length
+        return torch.tensor([p + [0] * (L - len(p)) for p in self.beam_nodes],
+                            dtype=torch.int64).view(len(self.beam_nodes), L)
+
+    @cached_property
+    def unpack_valid(self) -> torch.Tensor:  # [W, L] bool
+        lengths = torch.tensor([len(p) for p in self.beam_nodes], dtype=torch.int64)
+        return torch.arange(self.beam_length).unsqueeze(0) < lengths.unsqueeze(1)
 
     def path(self, node: int) -> tuple[int, ...]:
         """Draft tokens from the root (excluded) down to node."""
@@ -109,73 +143,95 @@ class DraftTree:
                 raise AssertionError("unpack map: a beam is not a root-to-node path")
 
 
-@dataclass
+@dataclass(eq=False)
 class PackedTrees:
-    """Trees of B requests: flat for the model forward, padded for verification."""
-    token_ids: torch.Tensor  # [T] all nodes, request after request: the model's input
-    depths: torch.Tensor  # [T] position offsets from each request's root
+    """Trees of B requests: flat for the model forward, padded for verification. The padded
+    tensors are built on first use (greedy verification walks the trees' lists instead)."""
+    trees: list[DraftTree]
     query_start_loc: list[int]  # [B + 1] first flat row of each tree
+    device: Optional[torch.device] = None
+
     # padded to N = max nodes, W = max beams, L = max beam length; padding nodes are
     # unreachable: no valid unpack entry points at them and their mask rows/columns are False
-    node_tokens: torch.Tensor  # [B, N] int64
-    node_parents: torch.Tensor  # [B, N] int64
-    node_depths: torch.Tensor  # [B, N] int64
-    node_index: torch.Tensor  # [B, N] int64 flat row of each node; padding -> the tree's root
-    attn_mask: torch.Tensor  # [B, N, N] bool
-    unpack: torch.Tensor  # [B, W, L] int64
-    unpack_valid: torch.Tensor  # [B, W, L] bool
-    beam_shapes: list[tuple[int, int]]  # [B] each request's own (W, L), before padding
 
     @property
     def num_nodes(self) -> list[int]:
-        q = self.query_start_loc
-        return [b - a for a, b in zip(q, q[1:])]
+        return [t.num_nodes for t in self.trees]
+
+    @property
+    def beam_shapes(self) -> list[tuple[int, int]]:  # [B] each request's own (W, L), before padding
+        return [(len(t.beam_nodes), t.beam_length) for t in self.trees]
+
+    @property
+    def beam_length(self) -> int:  # L
+        return max(t.beam_length for t in self.trees)
+
+    def _tensor(self, data, dtype=torch.int64) -> torch.Tensor:
+        return torch.tensor(data, dtype=dtype, device=self.device)
+
+    def _padded(self, get) -> torch.Tensor:  # [B, N] from each tree's list
+        n = max(self.num_nodes)
+        return self._tensor([get(t) + [0] * (n - t.num_nodes) for t in self.trees])
+
+    @cached_property
+    def token_ids(self) -> torch.Tensor:  # [T] all nodes, request after request: the model's input
+        return self._tensor([x for t in self.trees for x in t.tokens])
+
+    @cached_property
+    def depths(self) -> torch.Tensor:  # [T] position offsets from each request's root
+        return self._tensor([x for t in self.trees for x in t.depth])
+
+    @cached_property
+    def node_tokens(self) -> torch.Tensor:  # [B, N] int64
+        return self._padded(lambda t: t.tokens)
+
+    @cached_property
+    def node_parents(self) -> torch.Tensor:  # [B, N] int64
+        return self._padded(lambda t: t.parent)
+
+    @cached_property
+    def node_depths(self) -> torch.Tensor:  # [B, N] int64
+        return self._padded(lambda t: t.depth)
+
+    @cached_property
+    def node_index(self) -> torch.Tensor:  # [B, N] int64 flat row of each node; padding -> the tree's root
+        n = max(self.num_nodes)
+        return self._tensor([[start + (i if i < t.num_nodes else 0) for i in range(n)]
+                             for start, t in zip(self.query_start_loc, self.trees)])
+
+    @cached_property
+    def attn_mask(self) -> torch.Tensor:  # [B, N, N] bool
+        n = max(self.num_nodes)
+        pad = [False] * n
+        return self._tensor([[r + [False] * (n - len(r)) for r in t.mask_rows()] + [pad] * (n - t.num_nodes)
+                             for t in self.trees], torch.bool)
+
+    @cached_property
+    def unpack(self) -> torch.Tensor:  # [B, W, L] int64
+        W, L = max(len(t.beam_nodes) for t in self.trees), self.beam_length
+        return self._tensor([[p + [0] * (L - len(p)) for p in t.beam_nodes] + [[0] * L] * (W - len(t.beam_nodes))
+                             for t in self.trees]).view(len(self.trees), W, L)
+
+    @cached_property
+    def unpack_valid(self) -> torch.Tensor:  # [B, W, L] bool
+        W, L = max(len(t.beam_nodes) for t in self.trees), self.beam_length
+        return self._tensor([[[l < len(p) for l in range(L)] for p in t.beam_nodes] + [[False] * L] * (W - len(t.beam_nodes))
+                             for t in self.trees], torch.bool).view(len(self.trees), W, L)
 
     def request_masks(self) -> dict[int, torch.Tensor]:
         """Request index -> its [n, n] mask: AttentionMetadata.custom_masks."""
-        return {b: self.attn_mask[b, :n, :n] for b, n in enumerate(self.num_nodes)}
-
-    def to(self, device: torch.device) -> "PackedTrees":
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+        return {b: t.attn_mask if self.device is None else t.attn_mask.to(self.device)
+                for b, t in enumerate(self.trees)}
 
     def gather(self, flat: torch.Tensor) -> torch.Tensor:
         """[T, ...] per flat node (e.g. logits) -> [B, N, ...] per padded node."""
         return flat[self.node_index]
 
 
-def pack_trees(trees: Sequence[DraftTree]) -> PackedTrees:
+def pack_trees(trees: Sequence[DraftTree], device: Optional[torch.device] = None) -> PackedTrees:
     if not trees:
         raise ValueError("pack_trees needs at least one tree")
-    sizes = [t.num_nodes for t in trees]
     starts = [0]
-    for n in sizes:
-        starts.append(starts[-1] + n)
-    n_max = max(sizes)
-    w_max = max((t.unpack.shape[0] for t in trees), default=0)
-    l_max = max((t.unpack.shape[1] for t in trees), default=0)
-
-    # (padding only where a tree is smaller: at batch 1 each field is one op)
-    def pad1(get) -> torch.Tensor:  # [B, N]
-        return torch.stack([F.pad(x, (0, n_max - len(x))) if len(x) < n_max else x for x in map(get, trees)])
-
-    def pad2(get, rows: int, cols: int) -> torch.Tensor:  # [B, rows, cols]
-        return torch.stack([F.pad(x, (0, cols - x.shape[1], 0, rows - x.shape[0])) if x.shape != (rows, cols)
-                            else x for x in map(get, trees)])
-
-    node = torch.arange(n_max).expand(len(trees), n_max)  # [B, N]
-    size = torch.tensor(sizes).unsqueeze(1)  # [B, 1]
-    start = torch.tensor(starts[:-1]).unsqueeze(1)  # [B, 1]
-    return PackedTrees(
-        token_ids=torch.cat([t.token_ids for t in trees]),
-        depths=torch.cat([t.depths for t in trees]),
-        query_start_loc=starts,
-        node_tokens=pad1(lambda t: t.token_ids),
-        node_parents=pad1(lambda t: t.parents),
-        node_depths=pad1(lambda t: t.depths),
-        node_index=start + torch.where(node < size, node, 0),
-        attn_mask=pad2(lambda t: t.attn_mask, n_max, n_max),
-        unpack=pad2(lambda t: t.unpack, w_max, l_max),
-        unpack_valid=pad2(lambda t: t.unpack_valid, w_max, l_max),
-        beam_shapes=[tuple(t.unpack.shape) for t in trees],
-    )
+    for t in trees:
+        starts.append(starts[-1] + t.num_nodes)
+    return PackedTrees(list(trees), starts, device)

@@ -157,8 +157,8 @@ class ModelRunner:
             k = out.num_draft_tokens.get(req_id, 0)
             if k:
                 tree = self._scheduled_tree(st, tree, k, n)
-                ids.extend(tree.token_ids.tolist())
-                positions.extend((s + tree.depths).tolist())
+                ids.extend(tree.tokens)
+                positions.extend(s + d for d in tree.depth)
                 tree_rows.append(i)
                 trees.append(tree)
             else:
@@ -178,8 +178,8 @@ class ModelRunner:
         meta = self._attention_metadata(req_ids, positions, slots, starts, seq_lens)
         packed = None
         if trees:
-            packed = pack_trees(trees).to(self.device)
-            meta.custom_masks = {i: t.attn_mask for i, t in zip(tree_rows, trees)}
+            packed = pack_trees(trees, self.device)
+            meta.custom_masks = {tree_rows[b]: mask for b, mask in packed.request_masks().items()}
         return StepInputs(torch.tensor(ids, dtype=torch.long), meta, req_ids, sample_rows,
                           torch.tensor(logits_idx, dtype=torch.long), prompt_lp, tree_rows, packed)
 
@@ -230,7 +230,7 @@ class ModelRunner:
 
     @staticmethod
     def _scheduled_tree(st: RequestState, tree: Optional[DraftTree], k: int, n: int) -> DraftTree:
-        if tree is None or tree.num_nodes < 1 + k or n != 1 + k or int(tree.token_ids[0]) != st.token_ids[-1]:
+        if tree is None or tree.num_nodes < 1 + k or n != 1 + k or tree.tokens[0] != st.token_ids[-1]:
             raise RuntimeError(f"{st.req_id}: scheduled {k} draft tokens the runner does not hold")
         return tree.prefix(1 + k)
 
@@ -313,13 +313,11 @@ class ModelRunner:
         token of each tree and moves the accepted K/V into place."""
         trees = inp.trees
         states = [self.requests[inp.req_ids[i]] for i in inp.tree_rows]
-        decided = None
-        if self.is_source:
-            v = self.spec.verify(logits, trees, [st.sampling_row() for st in states])
-            decided = (v.accepted_nodes.shape[1], torch.cat(
-                [v.num_accepted.unsqueeze(1), v.last_node.unsqueeze(1), v.accepted_nodes,
-                 v.output_token_ids], 1).tolist())  # the one host sync of verification
-        L, rows = comm.broadcast_object(decided, self.group)
+        rows = None
+        if self.is_source:  # (reading the argmax is the one host sync of verification)
+            rows = self.spec.verify(logits, trees, [st.sampling_row() for st in states])
+        rows = comm.broadcast_object(rows, self.group)
+        L = trees.beam_length
         src: list[int] = []
         dst: list[int] = []
         lp_rows: list[int] = []  # for logprobs: the logits row that chose each emitted token

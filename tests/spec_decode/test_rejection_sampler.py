@@ -1,4 +1,5 @@
 """Tree verification: greedy against brute force, sampling against the target distribution."""
+import copy
 import dataclasses
 import math
 import random
@@ -152,9 +153,11 @@ def check(out, target: torch.Tensor) -> tuple[float, float]:
 
 def repeat(packed: PackedTrees, n: int) -> PackedTrees:
     """n independent trials of one request's tree (the verifier reads the padded fields)."""
-    rep = {f.name: getattr(packed, f.name).expand(n, *getattr(packed, f.name).shape[1:])
-           for f in dataclasses.fields(packed) if f.name.startswith(("node_", "attn", "unpack"))}
-    return dataclasses.replace(packed, **rep)
+    out = copy.copy(packed)  # the padded tensors are cached attributes: set them on the copy
+    for name in ("node_tokens", "node_parents", "node_depths", "node_index", "attn_mask", "unpack", "unpack_valid"):
+        t = getattr(packed, name)
+        setattr(out, name, t.expand(n, *t.shape[1:]))
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +215,9 @@ def merge_duplicate_tries(packed: PackedTrees) -> PackedTrees:
     for w in range(1, valid.shape[1]):
         repeat_ = (packed.unpack[:, w:w + 1] == packed.unpack[:, :w]) & packed.unpack_valid[:, :w]
         valid[:, w] &= ~repeat_.any(1)
-    return dataclasses.replace(packed, unpack_valid=valid)
+    out = copy.copy(packed)
+    out.unpack_valid = valid
+    return out
 
 
 @pytest.mark.parametrize("wrong", ["accept_if_p_above_q", "no_residual", "merge_duplicates"])
