@@ -219,13 +219,16 @@ def test_argmax_takes_the_first_maximum_and_ranks_nan_highest(dtype):
     torch.testing.assert_close(sampler.argmax(x), x.argmax(-1), atol=0, rtol=0)
     assert sampler.argmax(x)[1] == 10 and sampler.argmax(x)[3] == 500 and sampler.argmax(x)[4] == 0
     # the vector passes: rows of all -inf, +inf twice, a NaN or the maximum in the scalar tail
-    y = torch.randn(5, 1003, dtype=dtype)
+    # (1003 columns: four-vector strides to 960, then single vectors to 992, then the tail)
+    y = torch.randn(7, 1003, dtype=dtype)
     y[0] = float("-inf")
     y[1, 7] = y[1, 900] = float("inf")
     y[2, 1001] = float("nan")
     y[3, 1002] = 99.0
     y[4, 16] = y[4, 1000] = 99.0
-    assert sampler.argmax(y).tolist() == [0, 7, 1001, 1002, 16]
+    y[5, 970] = 99.0  # only in the single-vector stretch
+    y[6, 50] = y[6, 33] = y[6, 975] = 99.0  # ties across the accumulators and the stretch
+    assert sampler.argmax(y).tolist() == [0, 7, 1001, 1002, 16, 970, 33]
 
 
 def test_sample_rows_is_the_inverse_cdf_and_never_picks_a_zero():

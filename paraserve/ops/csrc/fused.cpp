@@ -109,21 +109,36 @@ void silu_mul_rows(const T* gu, int64_t stride, T* out, int64_t rows, int64_t in
 }
 
 // The first index of row's maximum, NaN ranking highest (as torch.argmax): a vector pass for
-// the maximum (and whether a NaN is present), then one for its first index; a scalar walk
-// only for rows holding a NaN.
+// the maximum (and whether a NaN is present) on four independent accumulators (one chain of
+// compare-and-blend was latency-bound), then one for its first index, testing a whole vector at
+// once (10 rows of 49k bf16 logits on 2 Zen 4 cores: 72 -> 34 us); a scalar walk only for rows
+// holding a NaN.
 template <typename T>
 int64_t argmax_row(const T* row, int64_t cols) {
-  vec mv = splat(-std::numeric_limits<float>::infinity());
-  vec_i32 nan = {};
+  constexpr int64_t kAcc = 4;
+  vec mv[kAcc];
+  vec_i32 nan[kAcc] = {};
+  for (int64_t a = 0; a < kAcc; ++a) mv[a] = splat(-std::numeric_limits<float>::infinity());
   int64_t i = 0;
+  for (; i + kAcc * kLanes <= cols; i += kAcc * kLanes) {
+    for (int64_t a = 0; a < kAcc; ++a) {
+      const vec v = load(row + i + a * kLanes);
+      mv[a] = v > mv[a] ? v : mv[a];
+      nan[a] |= v != v;
+    }
+  }
   for (; i + kLanes <= cols; i += kLanes) {
     const vec v = load(row + i);
-    mv = v > mv ? v : mv;
-    nan |= v != v;
+    mv[0] = v > mv[0] ? v : mv[0];
+    nan[0] |= v != v;
   }
-  float m = hmax(mv);
+  for (int64_t a = 1; a < kAcc; ++a) {
+    mv[0] = mv[a] > mv[0] ? mv[a] : mv[0];
+    nan[0] |= nan[a];
+  }
+  float m = hmax(mv[0]);
   bool any_nan = false;
-  for (int64_t j = 0; j < kLanes; ++j) any_nan |= nan[j] != 0;
+  for (int64_t j = 0; j < kLanes; ++j) any_nan |= nan[0][j] != 0;
   for (int64_t j = i; j < cols; ++j) {
     const float v = f32(row[j]);
     any_nan |= v != v;
@@ -135,10 +150,8 @@ int64_t argmax_row(const T* row, int64_t cols) {
     }
   }
   for (i = 0; i + kLanes <= cols; i += kLanes) {
-    const vec_i32 hit = load(row + i) == m;
-    for (int64_t j = 0; j < kLanes; ++j) {
-      if (hit[j]) return i + j;
-    }
+    const int64_t lane = first_set_lane(load(row + i) == m);
+    if (lane >= 0) return i + lane;
   }
   for (; i < cols; ++i) {
     if (f32(row[i]) == m) return i;

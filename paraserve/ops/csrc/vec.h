@@ -129,6 +129,19 @@ inline float reduce(vec v, Op op) {
   }
 }
 
+// The first lane of a comparison's result that is set, or -1.
+inline int64_t first_set_lane(vec_i32 hit) {
+#if defined(__AVX512F__)
+  const uint32_t mask = _mm512_test_epi32_mask((__m512i)hit, (__m512i)hit);
+  return mask ? __builtin_ctz(mask) : -1;
+#else
+  for (int64_t j = 0; j < kLanes; ++j) {
+    if (hit[j]) return j;
+  }
+  return -1;
+#endif
+}
+
 inline float hsum(vec v) {
   return reduce(v, [](auto x, auto y) { return x + y; });
 }
