@@ -15,6 +15,10 @@ import torch
 from paraserve.spec_decode.proposer import Draft, Proposer
 
 
+# Occurrences of the last token past which match() checks the candidates vectorised
+SCAN_MAX = 64
+
+
 class NgramProposer(Proposer):
     name = "ngram"
 
@@ -32,24 +36,53 @@ class NgramProposer(Proposer):
                 max_nodes: Optional[Sequence[int]] = None) -> list[Draft]:
         out = []
         for i, tokens in enumerate(token_ids):
-            draft = self.lookup(np.asarray(tokens, dtype=np.int64))
+            draft = self.lookup(tokens)
             if max_nodes is not None:
                 draft = draft[:max_nodes[i]]
             out.append(Draft(beams=[draft] if draft else []))
         return out
 
-    def lookup(self, t: np.ndarray) -> list[int]:
+    def lookup(self, t: Sequence[int]) -> list[int]:
         """t: [T] token ids -> up to k tokens following the latest earlier occurrence of the
         longest matching suffix of length in [min_n, max_n]; [] when none occurs."""
         return self.match(t)[0]
 
-    def match(self, t: np.ndarray) -> tuple[list[int], int]:
+    def match(self, t: Sequence[int]) -> tuple[list[int], int]:
         """lookup(t) and the length of the suffix it matched (0 when none): a longer match is
-        copied on more often (ReDrafterProposer weighs the draft by it)."""
+        copied on more often (ReDrafterProposer weighs the draft by it).
+
+        t is a list (the engine's token list) or an array. The earlier occurrences of the last
+        token are found by C-speed scans of the list and checked most recent first, stopping at
+        the first full-length match: ~9 us at 400 tokens, against ~17 us for converting the list
+        to an array and checking vectorised. Past SCAN_MAX occurrences the check is vectorised."""
         T = len(t)
         max_n = min(self.max_n, T - 1)  # a suffix needs an earlier occurrence to match
         if max_n < self.min_n:
             return [], 0
+        if isinstance(t, np.ndarray) or t.count(t[-1]) > SCAN_MAX + 1:
+            return self._match_array(np.asarray(t, dtype=np.int64), max_n)
+        last, ends, start = t[-1], [], 0
+        while True:  # candidate ends j in [0, T-2] of an earlier occurrence: t[j] == t[-1]
+            try:
+                start = t.index(last, start, T - 1) + 1
+            except ValueError:
+                break
+            ends.append(start - 1)
+        best, at = 0, 0
+        for j in reversed(ends):  # most recent first: a later end keeps a tie
+            n = 1
+            while n < max_n and n <= j and t[j - n] == t[T - 1 - n]:
+                n += 1
+            if n > best:
+                best, at = n, j
+                if n == max_n:
+                    break
+        if best < self.min_n:
+            return [], 0
+        return list(t[at + 1:at + 1 + self.k]), best
+
+    def _match_array(self, t: np.ndarray, max_n: int) -> tuple[list[int], int]:
+        T = len(t)
         # candidate ends j in [0, T-2] of an earlier occurrence: t[j] equals the last token
         # (one vectorised pass over the context); then the match length of every candidate
         # at once, one pass per further suffix token over the candidates only

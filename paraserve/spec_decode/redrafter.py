@@ -27,7 +27,6 @@ import os
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -476,7 +475,7 @@ class ReDrafterProposer(Proposer):
         # no K/V move).
         drafts = []
         for b, (paths, lps) in enumerate(zip(beams.visited.tolist(), beams.visited_logprobs.tolist())):
-            chain, match = (self.lookup.match(np.asarray(token_ids[b], dtype=np.int64))
+            chain, match = (self.lookup.match(token_ids[b])
                             if self.lookup is not None else ([], 0))
             kept = {tuple(t for t in path if t >= 0): lp for path, lp in zip(paths, lps)
                     if lp >= self.min_logprob}

@@ -344,16 +344,20 @@ class ModelRunner:
             self._tree_logprobs(logits, states, lp_rows, lp_tokens, result)
 
     def _move_kv(self, src: list[int], dst: list[int]) -> None:
-        """Copy the K/V of slots `src` to slots `dst` in every layer. A destination is never
-        the source of another pair (accepted node ids exceed their depths), and the gather on
-        the right runs before the scatter anyway."""
+        """Copy the K/V of slots `src` to slots `dst` in every layer. Pairs come in depth order
+        per request, and one by one that order is safe: the copy to depth j's slot may overwrite
+        the node of an earlier depth (already read), never one still to read (a node at depth
+        k > j has an id of at least k). The batched copy gathers everything first anyway."""
         if not src:
             return
-        s = torch.tensor(src, dtype=torch.long, device=self.device)
-        d = torch.tensor(dst, dtype=torch.long, device=self.device)
-        cache = self.kv_cache  # [layers, 2, num_blocks, block_size, KVH, D]: every layer in one op
+        cache = self.kv_cache  # [layers, 2, num_blocks, block_size, KVH, D]: every layer at once
         flat = cache.view(*cache.shape[:2], -1, *cache.shape[-2:])  # [layers, 2, num_slots, KVH, D]
-        flat[:, :, d] = flat[:, :, s]
+        if len(src) <= 4:  # a batch-1 step's few moves: a strided copy each (~4 us) beats indexing (~45 us)
+            for a, b in zip(src, dst):
+                flat.select(2, b).copy_(flat.select(2, a))
+            return
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        flat.index_copy_(2, torch.tensor(dst, dtype=torch.long, device=self.device), flat.index_select(2, s))
 
     def _tree_logprobs(self, logits: torch.Tensor, states: list[RequestState], rows: list[int],
                        tokens: list[int], result: ModelRunnerOutput) -> None:

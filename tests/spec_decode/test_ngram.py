@@ -4,12 +4,13 @@ import random
 import numpy as np
 import pytest
 
+from paraserve.spec_decode import ngram
 from paraserve.spec_decode.ngram import NgramProposer
 from paraserve.spec_decode.proposer import Draft, Proposer, get_proposer
 
 
 def lookup(tokens, k=4, min_n=1, max_n=3) -> list[int]:
-    return NgramProposer(k, min_n, max_n).lookup(np.asarray(tokens))
+    return NgramProposer(k, min_n, max_n).lookup(list(tokens))
 
 
 def brute_force(tokens: list[int], k: int, min_n: int, max_n: int, with_length: bool = False):
@@ -60,7 +61,10 @@ def test_min_and_max_match_length():
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_matches_brute_force(seed):
+@pytest.mark.parametrize("vectorised", [False, True])
+def test_matches_brute_force(seed, vectorised, monkeypatch):
+    if vectorised:  # every list takes the array path, as one with many occurrences does
+        monkeypatch.setattr(ngram, "SCAN_MAX", -1)
     rng = random.Random(seed)
     for _ in range(200):
         tokens = [rng.randrange(4) for _ in range(rng.randint(0, 40))]
@@ -68,15 +72,16 @@ def test_matches_brute_force(seed):
         max_n = rng.randint(min_n, 5)
         k = rng.randint(1, 6)
         assert lookup(tokens, k, min_n, max_n) == brute_force(tokens, k, min_n, max_n)
-        assert (NgramProposer(k, min_n, max_n).match(np.asarray(tokens, dtype=np.int64))
+        assert (NgramProposer(k, min_n, max_n).match(tokens)
                 == brute_force(tokens, k, min_n, max_n, with_length=True))
 
 
 def test_long_context_is_fast_enough():
     tokens = np.random.default_rng(0).integers(0, 50, 100_000)
     tokens[-3:] = tokens[1000:1003]
-    draft = lookup(tokens, k=4, max_n=3)
+    draft = lookup(tokens, k=4, max_n=3)  # a list with ~2,000 occurrences: the vectorised check
     assert len(draft) == 4
+    assert NgramProposer(4, 1, 3).lookup(tokens) == draft  # an array
 
 
 def test_registry_and_batch():

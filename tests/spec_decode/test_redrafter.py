@@ -320,7 +320,7 @@ def test_lookup_beam_joins_the_drafter_beams(tmp_path):
     # a lookup draft equal to a drafter beam is not verified twice
     first_beam = {tuple(t): b[0] for t, b in zip(ids, base)}
     same = ReDrafterProposer(fake_base(), "base", str(tmp_path), beam_width=2, beam_length=3,
-                             lookup=SimpleNamespace(match=lambda t: (first_beam[tuple(t.tolist())], 2)))
+                             lookup=SimpleNamespace(match=lambda t: (first_beam[tuple(t)], 2)))
     assert [d.beams for d in same.propose(ids, h)] == base
 
 
