@@ -94,7 +94,5 @@ def kernel_plan(meta: AttentionMetadata) -> _KernelPlan:
                 extra.append([slots[a] for a in range(n) if row[a]])
     width = max(len(e) for e in extra)
     extra_t = torch.tensor([e + [0] * (width - len(e)) for e in extra], dtype=torch.long).view(len(extra), width)
-    return _KernelPlan(torch.tensor(rows, dtype=torch.long), meta.block_tables[torch.tensor(reqs)],
-                       torch.tensor(ctx, dtype=torch.long), extra_t,
-                       torch.tensor([len(e) for e in extra], dtype=torch.long),
-                       frozenset(meta.custom_masks))
+    ints = torch.tensor([rows, reqs, ctx, [len(e) for e in extra]], dtype=torch.long)  # rows: contiguous views
+    return _KernelPlan(ints[0], meta.block_tables[ints[1]], ints[2], extra_t, ints[3], frozenset(meta.custom_masks))

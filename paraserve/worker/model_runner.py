@@ -236,20 +236,21 @@ class ModelRunner:
 
     def _attention_metadata(self, req_ids: list[str], positions: list[int], slots: list[int],
                             starts: list[int], seq_lens: list[int]) -> AttentionMetadata:
-        max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
-        tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
-        for i, req_id in enumerate(req_ids):
-            b = self.requests[req_id].block_ids
-            tables[i, :len(b)] = torch.tensor(b, dtype=torch.long)
+        # few tensors, each from lists in one call: at batch 1 the step's metadata is ~10 small
+        # tensors, and each costs more than the lists behind it (the rows of a 2-D tensor are
+        # contiguous views)
+        blocks = [self.requests[r].block_ids for r in req_ids]
+        max_blocks = max(map(len, blocks))
+        tables = torch.tensor([b + [0] * (max_blocks - len(b)) for b in blocks],
+                              dtype=torch.long).view(len(req_ids), max_blocks)
         decode = [i for i in range(len(req_ids)) if starts[i + 1] - starts[i] == 1]
+        token_rows = torch.tensor([positions, slots], dtype=torch.long).view(2, len(positions))
+        dec = torch.tensor([decode, [starts[i] for i in decode], [seq_lens[i] for i in decode]],
+                           dtype=torch.long).view(3, len(decode))
         return AttentionMetadata(
-            num_reqs=len(req_ids), positions=torch.tensor(positions, dtype=torch.long),
-            slot_mapping=torch.tensor(slots, dtype=torch.long), block_tables=tables,
-            query_start_loc=starts, seq_lens=seq_lens,
-            decode_reqs=torch.tensor(decode, dtype=torch.long),
-            decode_tokens=torch.tensor([starts[i] for i in decode], dtype=torch.long),
-            decode_seq_lens=torch.tensor([seq_lens[i] for i in decode], dtype=torch.long),
-            other_reqs=[i for i in range(len(req_ids)) if starts[i + 1] - starts[i] != 1])
+            num_reqs=len(req_ids), positions=token_rows[0], slot_mapping=token_rows[1], block_tables=tables,
+            query_start_loc=starts, seq_lens=seq_lens, decode_reqs=dec[0], decode_tokens=dec[1],
+            decode_seq_lens=dec[2], other_reqs=[i for i in range(len(req_ids)) if starts[i + 1] - starts[i] != 1])
 
     # ---- the step ----------------------------------------------------------------------
 
