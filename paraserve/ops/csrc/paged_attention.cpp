@@ -118,228 +118,85 @@ void accumulate(vec p, const T* const* rows, int64_t n, int64_t nc_rt, vec* acc_
 }
 
 #if defined(__AVX512BF16__)
-// bf16 with D = 16 * kC on vdpbf16ps (bf16 products are exact, sums float32; the scale applies to
-// the sum). A tile's 16 K rows are transposed once into one vector per pair of dims (lane i: key
-// i's pair), so a query head's 16 scores are D / 2 dot-steps against its broadcast pairs, with no
-// horizontal sums; p . V runs on pairs of V rows interleaved once (one permute per 16 dims), p
-// rounded to bf16 as flash attention does on GPUs. Both are shared by every query head that reads
-// the tile: the G heads of a KV head and, for a draft tree, every node of the tree over its
-// common context (the nodes differ only in their last, extra keys). Each head's numbers depend
-// on its own q and keys alone, tile by tile, so a node gets what a decode at its position gets.
-// Against one query at a time with per-key horizontal sums (SmolLM2's 9 heads on 3 KV heads, 2
-// Zen 4 cores, ~290 tokens of context): a 10-node tree 62 -> 40 us a layer, a decode 13.8 -> 12.8.
-
-// 16 x 16 transpose of 32-bit lanes: r[i] lane j -> r[j] lane i.
-inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int i = 0; i < 8; ++i) {
-    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-  }
-  for (int i = 0; i < 4; ++i) {
-    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-  }
-  // r[4a + b] now holds, in 128-bit lane L, rows 4a..4a+3 of columns 4L + b (one per dword)
-  for (int i = 0; i < 8; ++i) {  // pair 128-bit lanes: rows 4a.. with rows 4a+4.. (a even)
-    const int a = (i / 4) * 8 + i % 4;
-    t[a] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0x88);
-    t[a + 4] = _mm512_shuffle_i32x4(r[a], r[a + 4], 0xDD);
-  }
-  for (int i = 0; i < 8; ++i) {
-    r[i] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0x88);
-    r[i + 8] = _mm512_shuffle_i32x4(t[i], t[i + 8], 0xDD);
-  }
-}
-
-template <int64_t kC>
-struct HeadState {
-  vec acc[kC];
-  float m, l;
-};
-
-constexpr int64_t kTreeQueries = 8;  // the most queries one task runs over a shared context
-
-// One tile of n <= kLanes keys (rows krows / vrows; rows past n repeat a valid one) for Q queries
-// of G heads each: qp[q] points at query q's G heads (bf16 pairs), st[q * G + g] their state.
-// Every head's sums run in the same order whatever Q is.
+// bf16 with D = 32 * kV: q . k on vdpbf16ps (bf16 products are exact, sums float32; the scale
+// applies to the sum), and p . V on it too, with p rounded to bf16 as flash attention does on
+// GPUs. A pair of V rows is interleaved once (one permute per 16 dims) and used by all G query
+// heads, whose accumulators stay in registers. About 2x fewer instructions than widening every
+// bf16 row to float32 for each head.
 template <int64_t kC, int64_t G>
-void tile_bf16(const uint32_t* const* qp, int64_t Q, const at::BFloat16* const* krows,
-               const at::BFloat16* const* vrows, int64_t n, float scale, HeadState<kC>* st) {
-  constexpr int64_t kPairs = kC * kLanes / 2;  // D / 2
-  // scores: each 16 dims of the tile's K rows transposed (r[j] lane i: key i's pair j), then
-  // every head's two chains (even and odd pairs) take them
-  __m512 a[kTreeQueries][G][2];
-  for (int64_t q = 0; q < Q; ++q) {
-    for (int64_t g = 0; g < G; ++g) a[q][g][0] = a[q][g][1] = _mm512_setzero_ps();
+void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<at::BFloat16>& w) {
+  constexpr int64_t kV = kC / 2;
+  const int64_t len = p.length(b), offset = (b * p.heads + h * G) * p.head_dim;
+  __m512bh q[G][kV];
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t v = 0; v < kV; ++v) q[g][v] = (__m512bh)_mm512_loadu_si512(p.q + offset + g * p.head_dim + v * 32);
   }
-  for (int64_t c = 0; c < kPairs / 16; ++c) {
-    __m512i r[16];
-    for (int64_t i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(krows[i] + c * 32);
-    transpose16(r);
-    for (int64_t q = 0; q < Q; ++q) {
-      for (int64_t j = 0; j < 16; j += 2) {
-        for (int64_t g = 0; g < G; ++g) {
-          const uint32_t* qg = qp[q] + g * kPairs + c * 16;
-          a[q][g][0] = _mm512_dpbf16_ps(a[q][g][0], (__m512bh)_mm512_set1_epi32(qg[j]), (__m512bh)r[j]);
-          a[q][g][1] = _mm512_dpbf16_ps(a[q][g][1], (__m512bh)_mm512_set1_epi32(qg[j + 1]), (__m512bh)r[j + 1]);
-        }
-      }
-    }
-  }
-  alignas(64) uint32_t pairs[kTreeQueries][G][kLanes / 2];  // each head's probabilities, bf16 pairs
-  for (int64_t q = 0; q < Q; ++q) {
-    for (int64_t g = 0; g < G; ++g) {
-      vec sc = (vec)_mm512_add_ps(a[q][g][0], a[q][g][1]) * scale;
-      sc = lane_index(Lanes{}) < static_cast<int32_t>(n) ? sc : splat(-std::numeric_limits<float>::infinity());
-      HeadState<kC>& h = st[q * G + g];
-      const vec probs = softmax_update(sc, h.m, h.l, h.acc, kC);  // masked lanes are exactly 0
-      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[q][g]), (__m256i)_mm512_cvtneps_pbh((__m512)probs));
-    }
-  }
-  // p . V over pairs of rows interleaved: for one query straight from registers, for several
-  // interleaved once into vi and read back per head
+  vec acc[G][kC] = {};
+  float m[G], l[G];
+  std::fill(m, m + G, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + G, 0.0f);
+  alignas(64) uint32_t pairs[G][kLanes / 2];  // each head's tile probabilities, as bf16 pairs
   const __m512i interleave = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7,
                                               38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
-  auto pair_rows = [&](int64_t k, int64_t c) {
-    const at::BFloat16* v0 = vrows[2 * k];
-    const at::BFloat16* v1 = vrows[2 * k + 1];  // past n: a valid row with p = 0
-    return _mm512_permutex2var_epi16(
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + c * 16))), interleave,
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + c * 16))));
-  };
-  if (Q == 1) {
-    vec acc[G][kC];
+  for_each_tile(p, b, h, len, w, [&](int64_t n) {
     for (int64_t g = 0; g < G; ++g) {
-      for (int64_t c = 0; c < kC; ++c) acc[g][c] = st[g].acc[c];
+      vec d[kLanes];
+      for (int64_t i = 0; i < kLanes; ++i) {
+        __m512 dot = _mm512_setzero_ps();
+        for (int64_t v = 0; v < kV; ++v) {
+          dot = _mm512_dpbf16_ps(dot, q[g][v], (__m512bh)_mm512_loadu_si512(w.krows[i] + v * 32));
+        }
+        d[i] = (vec)dot;
+      }
+      vec s = transpose_sum(d) * p.scale;
+      s = lane_index(Lanes{}) < static_cast<int32_t>(n) ? s : splat(-std::numeric_limits<float>::infinity());
+      const vec probs = softmax_update(s, m[g], l[g], acc[g], kC);  // masked lanes are exactly 0
+      _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[g]), (__m256i)_mm512_cvtneps_pbh((__m512)probs));
     }
     for (int64_t k = 0; k < (n + 1) / 2; ++k) {
+      const at::BFloat16* v0 = w.vrows[2 * k];
+      const at::BFloat16* v1 = w.vrows[2 * k + 1];  // past n: a valid row with p = 0
       for (int64_t c = 0; c < kC; ++c) {
-        const __m512i rows = pair_rows(k, c);
+        const __m512i rows = _mm512_permutex2var_epi16(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v0 + c * 16))), interleave,
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + c * 16))));
         for (int64_t g = 0; g < G; ++g) {
-          acc[g][c] = (vec)_mm512_dpbf16_ps((__m512)acc[g][c], (__m512bh)_mm512_set1_epi32(pairs[0][g][k]),
+          acc[g][c] = (vec)_mm512_dpbf16_ps((__m512)acc[g][c], (__m512bh)_mm512_set1_epi32(pairs[g][k]),
                                             (__m512bh)rows);
         }
       }
     }
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t c = 0; c < kC; ++c) st[g].acc[c] = acc[g][c];
-    }
-    return;
-  }
-  alignas(64) __m512i vi[kLanes / 2][kC];
-  for (int64_t k = 0; k < (n + 1) / 2; ++k) {
-    for (int64_t c = 0; c < kC; ++c) vi[k][c] = pair_rows(k, c);
-  }
-  for (int64_t q = 0; q < Q; ++q) {
-    vec acc[G][kC];
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t c = 0; c < kC; ++c) acc[g][c] = st[q * G + g].acc[c];
-    }
-    for (int64_t k = 0; k < (n + 1) / 2; ++k) {
-      for (int64_t g = 0; g < G; ++g) {
-        const __m512bh pk = (__m512bh)_mm512_set1_epi32(pairs[q][g][k]);
-        for (int64_t c = 0; c < kC; ++c) acc[g][c] = (vec)_mm512_dpbf16_ps((__m512)acc[g][c], pk, (__m512bh)vi[k][c]);
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t c = 0; c < kC; ++c) st[q * G + g].acc[c] = acc[g][c];
-    }
+  });
+  for (int64_t g = 0; g < G; ++g) {
+    const float inv = len > 0 ? 1.0f / l[g] : 0.0f;
+    for (int64_t c = 0; c < kC; ++c) store(p.out + offset + (g * kC + c) * kLanes, acc[g][c] * inv);
   }
 }
 
-// Queries [b0, b1) (at most kTreeQueries) and KV head h; the queries read the same first
-// `shared` tokens (whole tiles of one table), then each its own rest.
-template <int64_t kC, int64_t G>
-void attend_bf16(const Problem<at::BFloat16>& p, int64_t b0, int64_t b1, int64_t h, int64_t shared) {
-  const int64_t Q = b1 - b0;
-  HeadState<kC> st[kTreeQueries * G];
-  const uint32_t* qp[kTreeQueries];
-  for (int64_t q = 0; q < Q; ++q) {
-    qp[q] = reinterpret_cast<const uint32_t*>(p.q + ((b0 + q) * p.heads + h * G) * p.head_dim);
-    for (int64_t g = 0; g < G; ++g) {
-      HeadState<kC>& s = st[q * G + g];
-      for (int64_t c = 0; c < kC; ++c) s.acc[c] = vec{};
-      s.m = -std::numeric_limits<float>::infinity();
-      s.l = 0.0f;
-    }
-  }
-  const at::BFloat16* krows[kLanes];
-  const at::BFloat16* vrows[kLanes];
-  prefetch_first_tiles(p, b0, h, shared);
-  for (int64_t t0 = 0; t0 < shared; t0 += kLanes) {
-    prefetch_ahead(p, b0, h, t0, shared);
-    row_pointers(p, b0, h, t0, kLanes, krows, vrows);
-    tile_bf16<kC, G>(qp, Q, krows, vrows, kLanes, p.scale, st);
-  }
-  for (int64_t q = 0; q < Q; ++q) {
-    const int64_t b = b0 + q, len = p.length(b);
-    for (int64_t t0 = shared; t0 < len; t0 += kLanes) {
-      const int64_t n = std::min(kLanes, len - t0);
-      row_pointers(p, b, h, t0, n, krows, vrows);
-      std::fill(krows + n, krows + kLanes, krows[0]);
-      std::fill(vrows + n, vrows + kLanes, vrows[0]);
-      tile_bf16<kC, G>(qp + q, 1, krows, vrows, n, p.scale, st + q * G);
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      const HeadState<kC>& s = st[q * G + g];
-      const float inv = len > 0 ? 1.0f / s.l : 0.0f;
-      for (int64_t c = 0; c < kC; ++c) store(p.out + (b * p.heads + h * G + g) * p.head_dim + c * kLanes, s.acc[c] * inv);
-    }
-  }
-}
-
-// The bf16 path for this head size and group over a task's queries, or false.
+// The bf16 path for this head size and group, or false.
 template <int64_t kC>
-bool attend_bf16_dispatch(const Problem<at::BFloat16>& p, int64_t b0, int64_t b1, int64_t h, int64_t shared) {
+bool attend_bf16_dispatch(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<at::BFloat16>& w) {
   if constexpr (kC == 4 || kC == 8) {
     switch (p.heads / p.kv_heads) {
-      case 1: attend_bf16<kC, 1>(p, b0, b1, h, shared); return true;
-      case 2: attend_bf16<kC, 2>(p, b0, b1, h, shared); return true;
-      case 3: attend_bf16<kC, 3>(p, b0, b1, h, shared); return true;
-      case 4: attend_bf16<kC, 4>(p, b0, b1, h, shared); return true;
+      case 1: attend_bf16<kC, 1>(p, b, h, w); return true;
+      case 2: attend_bf16<kC, 2>(p, b, h, w); return true;
+      case 3: attend_bf16<kC, 3>(p, b, h, w); return true;
+      case 4: attend_bf16<kC, 4>(p, b, h, w); return true;
       default: return false;
     }
   }
   return false;
 }
-
-template <int64_t kC>
-constexpr bool bf16_path() { return kC == 4 || kC == 8; }
 #endif
-
-// Tasks of the bf16 path: runs of consecutive queries with the same context (length and table:
-// a draft tree's nodes), at most kTreeQueries each and split evenly, and the context's whole
-// tiles they share; a query alone shares nothing it does not read itself.
-struct Task {
-  int64_t b0, b1, shared;
-};
-
-template <typename T>
-std::vector<Task> tasks(const Problem<T>& p, int64_t max_queries) {
-  std::vector<Task> out;
-  auto same_context = [&](int64_t a, int64_t b) {
-    if (p.seq_lens[a] != p.seq_lens[b]) return false;
-    const int64_t blocks = (p.seq_lens[a] + p.block_size - 1) / p.block_size;
-    return std::equal(p.tables + a * p.max_blocks, p.tables + a * p.max_blocks + blocks, p.tables + b * p.max_blocks);
-  };
-  for (int64_t b0 = 0; b0 < p.batch;) {
-    int64_t b1 = b0 + 1;
-    while (b1 < p.batch && same_context(b0, b1)) ++b1;
-    const int64_t parts = (b1 - b0 + max_queries - 1) / max_queries, shared = p.seq_lens[b0] / kLanes * kLanes;
-    for (int64_t k = 0; k < parts; ++k) {
-      out.push_back({b0 + (b1 - b0) * k / parts, b0 + (b1 - b0) * (k + 1) / parts, shared});
-    }
-    b0 = b1;
-  }
-  return out;
-}
 
 // One query b, one KV head h: its G query heads attend over the query's tokens.
 template <int64_t kC, typename T>
 void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (attend_bf16_dispatch<kC>(p, b, h, w)) return;
+  }
+#endif
   const int64_t nc = kC ? kC : p.head_dim / kLanes, g_heads = p.heads / p.kv_heads;
   const int64_t len = p.length(b), offset = (b * p.heads + h * g_heads) * p.head_dim;
   for (int64_t c = 0; c < g_heads * nc; ++c) w.q[c] = load(p.q + offset + c * kLanes) * p.scale;
@@ -362,21 +219,6 @@ void attend(const Problem<T>& p, int64_t b, int64_t h, Scratch<T>& w) {
 
 template <int64_t kC, typename T>
 void run(const Problem<T>& p, int num_threads) {
-#if defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, at::BFloat16> && bf16_path<kC>()) {
-    const int64_t g = p.heads / p.kv_heads;
-    if (g >= 1 && g <= 4) {
-      // a tree's nodes in tasks of up to 5 (10 nodes and 3 KV heads: 6 tasks for 2 threads)
-      const std::vector<Task> work = tasks(p, p.extra ? 5 : 1);
-      const int64_t n = static_cast<int64_t>(work.size());
-#pragma omp parallel for collapse(2) schedule(dynamic) num_threads(num_threads)
-      for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < p.kv_heads; ++h) attend_bf16_dispatch<kC>(p, work[i].b0, work[i].b1, h, work[i].shared);
-      }
-      return;
-    }
-  }
-#endif
 #pragma omp parallel num_threads(num_threads)
   {
     Scratch<T> w(p.heads / p.kv_heads, p.head_dim);
