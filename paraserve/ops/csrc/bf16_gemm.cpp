@@ -7,13 +7,15 @@
 // twice a single token. Here a vector holds 16 output columns instead: w's panel layout gives,
 // for each pair of K elements, the 32 columns of a panel as two vectors, and each row of x
 // contributes its broadcast pair to them (one VDPBF16PS per row and vector, no horizontal sums).
-// Up to 10 rows run on 20 accumulators while a panel streams from memory once, so ten rows cost
-// what one does: the weight stream stays the bound, as on AMX tiles. At large M it runs at the
-// machine's bf16 peak (on par with oneDNN at 512 rows, ~10% faster at 16-64).
+// Up to 10 rows run on 20 accumulators while a panel streams from memory once. Up to ~6 rows the
+// weight stream is the bound, as on AMX tiles; at 10 the VDPBF16PS work (one a cycle on a Zen 4
+// core) nears it and a pass costs ~20% more than one row. At large M it runs at the machine's
+// bf16 peak (on par with oneDNN at 512 rows, ~10% faster at 16-64).
 //
 // Every output column sums its K pairs in the same order whatever M is, so a row's result does
 // not depend on the rows around it: a draft tree gets the numbers its tokens get one by one.
 #include "ops.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
@@ -48,14 +50,11 @@ void panel_rows(const at::BFloat16* x, int64_t ldx, const at::BFloat16* wp, cons
   const int64_t ldx_pairs = ldx / 2;
   for (int64_t kb = 0; kb < K / kKBlock; ++kb) {
     const at::BFloat16* w = wp + kb * kBlockElems;
-    // the next panel into L2, at the offset being read: hardware prefetch alone fell behind once
-    // a pass does more than a few rows' work per line (13-17 rows ran ~12% faster; a 2 KB prefetch
-    // into L1 was no faster at 1 row and 20% slower at 3)
-    const char* pf = reinterpret_cast<const char*>(w + K * kPanel);
-    for (int64_t line = 0; line < kBlockElems * 2; line += 64) {
-      if (pf + line < prefetch_end) _mm_prefetch(pf + line, _MM_HINT_T1);
-    }
+    // panels lie back to back: the stream goes on into the next one (vec.h, prefetch_stream)
+    const char* line = reinterpret_cast<const char*>(w);
+    const bool ahead = line + kStreamL2Ahead + kBlockElems * 2 <= prefetch_end;
     for (int64_t kp = 0; kp < kKBlock / 2; ++kp) {
+      if (ahead) prefetch_stream(line + kp * 128);
       const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w + kp * 32);
       const __m512bh w1 = (__m512bh)_mm512_loadu_si512(w + kBlockElems / 2 + kp * 32);
       const int64_t pair = kb * (kKBlock / 2) + kp;

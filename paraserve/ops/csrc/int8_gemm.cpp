@@ -154,11 +154,11 @@ void vnni_panel_rows(const int8_t* xq, int64_t K, const int8_t* w, const char* p
   const int64_t ldx_quads = K / 4;
   for (int64_t kb = 0; kb < K / kInt8KBlock; ++kb) {
     const int8_t* wb = w + kb * 2 * 16 * kInt8KBlock;
-    const char* pf = reinterpret_cast<const char*>(wb + K * kInt8Panel);  // the next panel, into L2
-    for (int64_t line = 0; line < 2 * 16 * kInt8KBlock; line += 64) {
-      if (pf + line < prefetch_end) _mm_prefetch(pf + line, _MM_HINT_T1);
-    }
+    // panels lie back to back: the stream goes on into the next one (vec.h, prefetch_stream)
+    const char* line = reinterpret_cast<const char*>(wb);
+    const bool ahead = line + kStreamL2Ahead + 2 * 16 * kInt8KBlock <= prefetch_end;
     for (int64_t r = 0; r < 16; ++r) {
+      if (ahead) prefetch_stream(line + r * 128);
       const __m512i w0 = _mm512_xor_si512(_mm512_loadu_si512(wb + r * 64), flip);  // w + 128, unsigned
       const __m512i w1 = _mm512_xor_si512(_mm512_loadu_si512(wb + 16 * kInt8KBlock + r * 64), flip);
       for (int m = 0; m < MB; ++m) {

@@ -172,3 +172,19 @@ inline vec transpose_sum(vec* d) {
 }
 
 }  // namespace paraserve
+
+// Software prefetch for a weight stream read 128 bytes a step (the panel kernels: bf16_gemm.cpp,
+// int8_gemm.cpp). Each step requests the two lines kStreamL2Ahead bytes on into L2 and the two
+// kStreamL1Ahead bytes on into L1, so the requests spread over the compute instead of queueing in
+// one burst per block; the caller stops once the lines would pass the stream's end. Hardware
+// prefetch alone ran the bf16 panels at half speed. On a Zen 4 (SmolLM2's 120 layer products, 2
+// threads) 10 rows went 7.5 -> 6.6 ms and 1 row 6.0 -> 5.5 ms against one burst of L2 prefetches
+// per 2 KB block one panel on; 32 KB ahead was as fast, two panels on slower.
+constexpr int64_t kStreamL2Ahead = 16384, kStreamL1Ahead = 2048;
+
+inline void prefetch_stream(const char* at) {
+  __builtin_prefetch(at + kStreamL2Ahead, 0, 2);
+  __builtin_prefetch(at + kStreamL2Ahead + 64, 0, 2);
+  __builtin_prefetch(at + kStreamL1Ahead, 0, 3);
+  __builtin_prefetch(at + kStreamL1Ahead + 64, 0, 3);
+}
