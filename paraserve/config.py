@@ -195,7 +195,14 @@ DEFAULT_STEP_DRAFT_BUDGET = 16
 #         defaults) against 2 and 9: median of 6 alternating runs 168.2 -> 188.2 tok/s
 # Speculation forced on at batch 2 / 4 / 8 (spec-epyc.txt), ReDrafter chat: 1.16x / 0.93x / 0.80x
 # with 9 against 1.02x / 0.83x / 0.63x with 16; code 1.78x / 1.29x / 0.94x against 1.61x / 1.08x.
-DEFAULT_STEP_DRAFT_BUDGET_NO_AMX = 9
+# 9 -> 7 once the panel kernels spread their prefetches (vec.h, prefetch_stream): rows up to ~6
+# then run at the weight stream's pace and each row past that costs ~0.5 ms of VDPBF16PS work, so
+# the last two nodes cost more than they gave. Batch 1, 8 prompts x 128 tokens, alternating runs:
+#   chat: 437 -> 447 steps (2.34 -> 2.29 tokens per verification; over all 32 prompts offline
+#         2.351 -> 2.292), faster in 5 of 5 pairs (median +5.8%, 183-194 -> 188-206 tok/s); 8 and
+#         6 were slower than 7 in 3 of 4 rounds
+#   code: 200 -> 210 steps, even (three pairs: -1%, +5%, -2%)
+DEFAULT_STEP_DRAFT_BUDGET_NO_AMX = 7
 
 
 def default_step_draft_budget() -> int:
@@ -280,7 +287,7 @@ class SpecConfig:
     tree_context_budget: Optional[int] = None
     # a step's draft trees hold at most this many nodes in all, max(1, this / requests drafting)
     # each (the likeliest, as with tree_context_budget); 0: no bound. Default:
-    # default_step_draft_budget() (16 with AMX, 9 without; see DEFAULT_STEP_DRAFT_BUDGET).
+    # default_step_draft_budget() (16 with AMX, 7 without; see DEFAULT_STEP_DRAFT_BUDGET).
     step_draft_budget: Optional[int] = None
 
     def __post_init__(self) -> None:

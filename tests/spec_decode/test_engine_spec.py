@@ -407,7 +407,7 @@ def test_bad_speculative_config_is_a_one_line_error(capsys):
 
 
 @pytest.mark.parametrize("flags, running, budget", [("flags\t: fpu avx512f avx512_bf16 amx_bf16 amx_tile", 4, 16),
-                                                     ("flags\t: fpu avx512f avx512_bf16 avx512_vnni", 2, 9)])
+                                                     ("flags\t: fpu avx512f avx512_bf16 avx512_vnni", 2, 7)])
 def test_batch_defaults_follow_the_cpu(monkeypatch, flags, running, budget):
     """disable_by_batch_size and step_draft_budget default to what was measured with and
     without AMX."""
