@@ -171,8 +171,6 @@ inline vec transpose_sum(vec* d) {
   }
 }
 
-}  // namespace paraserve
-
 // Software prefetch for a weight stream read 128 bytes a step (the panel kernels: bf16_gemm.cpp,
 // int8_gemm.cpp). Each step requests the two lines kStreamL2Ahead bytes on into L2 and the two
 // kStreamL1Ahead bytes on into L1, so the requests spread over the compute instead of queueing in
@@ -189,3 +187,5 @@ inline void prefetch_stream(const char* at) {
   __builtin_prefetch(at + kStreamL1Ahead, 0, 3);
   __builtin_prefetch(at + kStreamL1Ahead + 64, 0, 3);
 }
+
+}  // namespace paraserve
