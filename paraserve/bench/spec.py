@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import functools
 import operator
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +44,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="max_tokens of every request; greedy, EOS may end it sooner (default: 128)")
     g.add_argument("--num-prompts", type=int, default=8,
                    help="requests timed one at a time at batch 1, per prompt set (default: 8)")
+    g.add_argument("--num-iters", type=int, default=1,
+                   help="rounds of the alternating plain and speculative runs per prompt set and batch "
+                        "size; the figures pool every round and the speedup cell adds the rounds' range, "
+                        "as on a shared machine one round's speedup can move by 10%% (default: 1)")
     g.add_argument("--drafter", default=None, metavar="PATH",
                    help="ReDrafter directory from `paraserve train-drafter` (default: the one shipped for "
                         "the model; without one, redrafter is skipped with a note)")
@@ -202,21 +207,39 @@ def speculation_label(batch_size: int, limit: int, num_drafts: int) -> str:
     return f"off (>{limit})" + (", tail on" if num_drafts else "")
 
 
-def figures(plain: Run, spec: Run, batch_size: int, limit: int) -> dict[str, Any]:
-    def rate(r: Run) -> Optional[float]:
-        return r.decode_tokens / r.decode_s if r.decode_s > 0 and r.decode_tokens else None
+def _rate(r: Run) -> Optional[float]:
+    return r.decode_tokens / r.decode_s if r.decode_s > 0 and r.decode_tokens else None
 
+
+def _speedup(plain: Run, spec: Run) -> Optional[float]:
+    ours, base = _rate(spec), _rate(plain)
+    return ours / base if ours and base else None
+
+
+def pooled_figures(rounds: Sequence[tuple[Run, Run]], batch_size: int, limit: int) -> dict[str, Any]:
+    """figures() over every round's (plain, spec) runs pooled (requests and tokens of all
+    rounds), plus each round's own speedup and their median."""
+    plain, spec = (functools.reduce(operator.add, side) for side in zip(*rounds))
+    out = figures(plain, spec, batch_size, limit)
+    per = [_speedup(p, s) for p, s in rounds]
+    out["rounds"] = len(rounds)
+    out["speedup_per_iter"] = per
+    known = [x for x in per if x is not None]
+    out["speedup_median"] = statistics.median(known) if known else None
+    return out
+
+
+def figures(plain: Run, spec: Run, batch_size: int, limit: int) -> dict[str, Any]:
     def side(r: Run) -> dict[str, Any]:
-        return {"decode_tokens_per_s": rate(r), "decode_tokens": r.decode_tokens, "decode_s": r.decode_s,
+        return {"decode_tokens_per_s": _rate(r), "decode_tokens": r.decode_tokens, "decode_s": r.decode_s,
                 "elapsed_s": r.elapsed_s, "output_tokens": sum(len(o) for o in r.outputs),
                 "output_tokens_per_request": [len(o) for o in r.outputs]}
 
-    ours, base = rate(spec), rate(plain)
     drafts = spec.num_drafts
     return {"batch_size": batch_size, "requests": len(plain.outputs),
             "speculation": speculation_label(batch_size, limit, drafts), "disable_by_batch_size": limit,
             "plain": side(plain), "spec": side(spec),
-            "speedup": ours / base if ours and base else None,
+            "speedup": _speedup(plain, spec),
             "num_drafts": drafts, "num_draft_tokens": spec.num_draft_tokens,
             "num_accepted_tokens": spec.num_accepted_tokens,
             # the engine's definitions (SpecDecodingStats): tokens per verification incl. the bonus
@@ -234,9 +257,13 @@ HEADERS = ["method", "prompts", "batch", "speculation", "plain tok/s", "spec tok
 def table_row(run: dict[str, Any]) -> list[Cell]:
     bad = len(run["mismatches"])
     speedup = run["speedup"]
+    cell = None if speedup is None else f"{speedup:.2f}x"
+    per = [x for x in run.get("speedup_per_iter", []) if x is not None]
+    if cell and len(per) > 1:  # pooled over rounds: their range too
+        cell += f" ({min(per):.2f}-{max(per):.2f})"
     return [run["method"], run["prompts"], run["batch_size"], run["speculation"],
             run["plain"]["decode_tokens_per_s"], run["spec"]["decode_tokens_per_s"],
-            None if speedup is None else f"{speedup:.2f}x", run["mean_accepted_length"],
+            cell, run["mean_accepted_length"],
             run["acceptance_rate"], run["plain"]["output_tokens"],
             "yes" if not bad else f"NO: {bad}/{run['requests']} differ"]
 
@@ -251,8 +278,8 @@ def run(args: argparse.Namespace) -> Report:
     from paraserve.bench.report import machine_info
     from paraserve.models.loader import resolve_model
 
-    if args.output_len < 1 or args.num_prompts < 1:
-        raise ValueError("--output-len and --num-prompts must be >= 1")
+    if args.output_len < 1 or args.num_prompts < 1 or args.num_iters < 1:
+        raise ValueError("--output-len, --num-prompts and --num-iters must be >= 1")
     configs = spec_configs(args.methods, args.speculative_config, args.drafter)
     texts = {name: load_prompt_set(name) for name in args.prompt_sets}
     source_name = resolve_model(args.model).name  # what the engine finds a shipped drafter by
@@ -266,6 +293,7 @@ def run(args: argparse.Namespace) -> Report:
     used: dict[str, Any] = {}
     machine = machine_info(args.dtype, args.served_model_name or source_name)  # replaced once one loads
     per_method = sum(args.num_prompts if b == 1 else b for b in args.batch_sizes) * 2 * len(texts)
+    per_method *= args.num_iters
     with tqdm(total=per_method * len(todo), desc="spec", unit="req", dynamic_ncols=True) as bar:
         for method in todo:
             # prefix caching off: the second run of a prompt would reuse the first's cached blocks and
@@ -301,9 +329,9 @@ def _measure_method(llm: "LLM", method: str, texts: dict[str, list[str]], args: 
     for name, prompts in rendered.items():
         for b in args.batch_sizes:
             bar.set_description(f"{method} {name} batch {b}")
-            plain, spec = measure(engine, take(prompts, args.num_prompts if b == 1 else b), b,
-                                  args.output_len, bar)
-            runs.append({"method": method, "prompts": name, **figures(plain, spec, b, limit)})
+            group = take(prompts, args.num_prompts if b == 1 else b)
+            rounds = [measure(engine, group, b, args.output_len, bar) for _ in range(args.num_iters)]
+            runs.append({"method": method, "prompts": name, **pooled_figures(rounds, b, limit)})
             _shout(runs[-1])
     return runs
 
@@ -328,7 +356,9 @@ def _notes(args: argparse.Namespace, used: dict[str, Any], skipped: dict[str, st
            runs: list[dict[str, Any]]) -> list[str]:
     notes = [f"workload: prompt sets {', '.join(args.prompt_sets)} (shipped text, chat template), greedy, "
              f"max_tokens {args.output_len} (EOS may end a request sooner); batch 1: {args.num_prompts} "
-             f"requests one at a time; batch B: the first B prompts together",
+             f"requests one at a time; batch B: the first B prompts together"
+             + (f"; {args.num_iters} rounds, pooled (speedup: all rounds' tokens over all rounds' time, "
+                f"then the range of the rounds' own speedups)" if args.num_iters > 1 else ""),
              "baseline: the same engine with every request opted out (speculative=False); plain and "
              "speculative runs alternate, prefix caching off (so both compute each prompt alike); decode "
              "tok/s excludes prefill (timed from the step after which every request has its first token); "

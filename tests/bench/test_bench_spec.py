@@ -138,6 +138,23 @@ def test_figures_and_table_row():
         ["off (>8)", 10.0, 10.0, "1.00x", None, None, 28, "yes"]
 
 
+def test_rounds_pool_their_runs_and_show_their_range():
+    """--num-iters: the figures pool every round's tokens and time (not an average of ratios), and
+    the speedup cell adds the range of the rounds' own speedups."""
+    out = [[1] * 5]
+    rounds = [(spec.Run(2.0, 20, 2.0, out), spec.Run(1.0, 20, 1.0, out, num_drafts=10, num_accepted_tokens=10)),
+              (spec.Run(2.0, 20, 2.0, out), spec.Run(0.5, 20, 0.5, out, num_drafts=10, num_accepted_tokens=10)),
+              (spec.Run(4.0, 20, 4.0, out), spec.Run(1.0, 20, 1.0, out, num_drafts=10, num_accepted_tokens=10))]
+    fig = spec.pooled_figures(rounds, 1, 8)
+    assert fig["speedup_per_iter"] == [2.0, 4.0, 4.0] and fig["speedup_median"] == 4.0 and fig["rounds"] == 3
+    assert fig["speedup"] == 8.0 / 2.5  # 60 tokens in 8 s against 60 in 2.5 s
+    assert fig["requests"] == 3 and fig["plain"]["decode_tokens"] == 60 and fig["mean_accepted_length"] == 2.0
+    assert spec.table_row({"method": "ngram", "prompts": "chat", **fig})[6] == "3.20x (2.00-4.00)"
+    one = spec.pooled_figures(rounds[:1], 1, 8)  # one round: the plain figures, no range
+    assert one == {**spec.figures(*rounds[0], 1, 8), "rounds": 1, "speedup_per_iter": [2.0], "speedup_median": 2.0}
+    assert spec.table_row({"method": "ngram", "prompts": "chat", **one})[6] == "2.00x"
+
+
 # ---- end to end on a tiny random model ---------------------------------------------------------
 
 def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
@@ -146,7 +163,7 @@ def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
         [sys.executable, "-m", "paraserve.server.cli", "bench", "spec",
          "--model", str(tiny_model_dir("llama")),
          "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "512", "--threads", "1",
-         "--batch-sizes", "1,3", "--num-prompts", "2", "--output-len", "12",
+         "--batch-sizes", "1,3", "--num-prompts", "2", "--output-len", "12", "--num-iters", "2",
          "--speculative-config", '{"disable_by_batch_size": 2}', "--output-json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -162,8 +179,9 @@ def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
     assert res["speculative_configs"]["ngram"]["disable_by_batch_size"] == 2
     runs = res["runs"]
     assert [(x["prompts"], x["batch_size"], x["requests"]) for x in runs] == \
-        [("chat", 1, 2), ("chat", 3, 3), ("code", 1, 2), ("code", 3, 3)]
+        [("chat", 1, 4), ("chat", 3, 6), ("code", 1, 4), ("code", 3, 6)]  # two rounds each
     for x in runs:
+        assert x["rounds"] == 2 and len(x["speedup_per_iter"]) == 2 and x["speedup_median"] > 0
         assert x["mismatches"] == []
         assert x["plain"]["output_tokens_per_request"] == x["spec"]["output_tokens_per_request"]
         assert all(1 <= n <= 12 for n in x["plain"]["output_tokens_per_request"])
@@ -174,6 +192,8 @@ def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
     # batch 3 > disable_by_batch_size 2: off (until EOS leaves 2 or fewer running: "tail on")
     assert all(x["speculation"].startswith("off (>2)") for x in runs if x["batch_size"] == 3)
     assert [row[-1] for row in data["table"]["rows"]] == ["yes"] * 4
+    assert all(" (" in row[6] and row[6].endswith(")") for row in data["table"]["rows"])  # the rounds' range
+    assert "2 rounds, pooled" in r.stdout
 
 
 def test_a_correctness_failure_makes_the_command_exit_1(monkeypatch):
