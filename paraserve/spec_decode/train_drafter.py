@@ -315,9 +315,10 @@ def new_drafter(cfg: TrainDrafterConfig, model, name: str, train: list[Sample],
 def average_weights(drafter: "ReDrafter", start: dict, share: float) -> None:
     """Every floating-point weight of drafter becomes share * its starting value + (1 - share) *
     its trained one, in place. Training went on from `start`, so both lie in one basin; once here
-    their average drafted better than either (one case, not a rule): on the bench's 32 prompts, offline, the shipped
-    drafter gave 2.29 tokens per verification (chat) and 3.16 (code) at 7 nodes, one more epoch on
-    2.9M new positions 2.30 and 3.13, their average 2.32 and 3.22."""
+    their average drafted better than either (one case, not a rule): on the bench's 32 prompts,
+    offline, the shipped drafter gave 2.29 tokens per verification (chat) and 3.16 (code) at 7
+    nodes, one more epoch on 2.9M new positions 2.30 and 3.13, their average 2.32 and 3.22. A
+    second round from that average did not help (chat 2.32, code 3.17)."""
     import torch
 
     with torch.no_grad():
