@@ -225,15 +225,22 @@ def tree_queries(parents, ctx, table, bs=BS):
     return extra, torch.tensor([len(p) for p in paths]), paths, slots
 
 
-@pytest.mark.parametrize("ctx", [3, 31, 32, 33, 63, 100, 250])
-def test_every_tree_node_attends_exactly_as_decoding(kernel, path, ctx):
-    """A branching 14-node tree, batched with a decode query and a second tree (the AMX path
-    shares context chunks within a tree, not across requests): every node, not only a chain,
-    gets bit-identically what a decode of its path's last token computes with the path copied
-    into place. Context lengths around the 32-key chunks."""
+@pytest.mark.parametrize("ctx, h, kvh, d, parents", [
+    *[(ctx, 9, 3, 64, None) for ctx in [3, 31, 32, 33, 63, 100, 250]],
+    (47, 4, 2, 128, None),  # 2 heads per KV head, D 128
+    (64, 8, 2, 64, [-1, 0, 1, 0, 3]),  # 4 heads per KV head; 5 nodes: chunks of 3 and 2
+    (80, 2, 2, 64, [-1, 0, 0, 1, 2, 3, 4]),  # one head per KV head; 7 nodes: 3 and 4
+    (16, 9, 3, 64, [-1, 0]),  # two nodes: each on its own
+])
+def test_every_tree_node_attends_exactly_as_decoding(kernel, path, ctx, h, kvh, d, parents):
+    """A branching tree (14 nodes unless given), batched with a decode query and a second tree
+    (the AMX path shares context chunks within a tree, and the vector path the context's full
+    tiles among up to 4 nodes, not across requests): every node, not only a chain, gets
+    bit-identically what a decode of its path's last token computes with the path copied into
+    place. Context lengths around the 16-key tiles and 32-key chunks, and other head layouts."""
     torch.manual_seed(ctx)
-    kvh, h, d, dtype = 3, 9, 64, torch.bfloat16
-    parents = [-1, -1, 0, 0, 1, 2, 2, 3, 5, 5, 6, 8, 9, 11]  # depths up to 6
+    dtype = torch.bfloat16
+    parents = parents or [-1, -1, 0, 0, 1, 2, 2, 3, 5, 5, 6, 8, 9, 11]  # depths up to 6
     other = [-1, 0, 0]
     n = len(parents)
     cache, tables, _ = scattered_cache([ctx + n, ctx + 40, 2 * ctx + 5], kvh, d, dtype, fill=0.0)

@@ -88,8 +88,8 @@ void prefetch_tile(const Problem<T>& p, int64_t b, int64_t h, int64_t t0) {
 }
 
 template <typename T>
-void prefetch_first_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t len) {
-  for (int64_t t = 0; t < kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
+void prefetch_first_tiles(const Problem<T>& p, int64_t b, int64_t h, int64_t len, int64_t first = 0) {
+  for (int64_t t = first; t < first + kPrefetchTiles * kLanes && t < len; t += kLanes) prefetch_tile(p, b, h, t);
 }
 
 }  // namespace attention
