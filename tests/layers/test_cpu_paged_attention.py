@@ -226,7 +226,7 @@ def tree_queries(parents, ctx, table, bs=BS):
 
 
 @pytest.mark.parametrize("ctx, h, kvh, d, parents", [
-    *[(ctx, 9, 3, 64, None) for ctx in [3, 31, 32, 33, 63, 100, 250]],
+    *[(ctx, 9, 3, 64, None) for ctx in [3, 31, 32, 33, 63, 100, 250, 520]],
     (47, 4, 2, 128, None),  # 2 heads per KV head, D 128
     (64, 8, 2, 64, [-1, 0, 1, 0, 3]),  # 4 heads per KV head; 5 nodes: chunks of 3 and 2
     (80, 2, 2, 64, [-1, 0, 0, 1, 2, 3, 4]),  # one head per KV head; 7 nodes: 3 and 4

@@ -12,10 +12,11 @@
 // (`extra`). On the accepted path that is exactly the key sequence plain decoding would see, in
 // the same tiles, so verification reproduces decoding's numbers bit for bit. On the bf16 vector
 // path a tree's nodes (up to 4 at a time) share the walk of their context's full tiles: each
-// tile's K rows are transposed and its V rows interleaved once, and every node scores the tile
-// with the keys in lanes, summing as the one-query walk does (attend_tree_bf16). Tree of 8 nodes,
-// SmolLM2's 30 layers, 2 threads of a Zen 4: 0.94 -> 0.81 ms at 176 tokens of context, 1.9 ->
-// 1.6 ms at 400, 9.9 -> 7.1 ms at 2,000; lone decode queries take the walk as before.
+// tile's K rows are transposed and its V rows interleaved once, every node scores the tile with
+// the keys in lanes, summing as the one-query walk does, and the chunk's softmax reductions run
+// as two transposes (attend_tree_bf16). Tree of 8 nodes, SmolLM2's 30 layers, 2 threads of a Zen
+// 4, alternating builds: 1.01-1.12 -> 0.69-0.79 ms at 176 tokens of context, 2.05-2.10 ->
+// 1.37-1.43 ms at 400, 10.0-10.6 -> 6.2-6.7 ms at 2,000; lone decode queries walk as before.
 #include "ops.h"
 #include "paged_attention.h"
 #include "vec.h"
@@ -202,6 +203,35 @@ void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<a
   }
 }
 
+// softmax_update for every (node, head) of a tree chunk at once (sc[i * G + g], nodes * G <= kLanes),
+// with the same numbers: the tile maxima come from one transpose-and-max (a maximum does not
+// depend on the order) and the sums from transpose_sum, which adds in hsum's order; the per-pair
+// steps are softmax_update's. Cuts the dependent shuffle chains of 2 x nodes x G horizontal
+// reductions to two transposes.
+inline void softmax_update_all(vec* sc, int64_t nodes, int64_t G, NodeState* st, int64_t nc) {
+  const int64_t n = nodes * G;
+  vec t[kLanes];
+  for (int64_t c = 0; c < kLanes; ++c) t[c] = sc[c < n ? c : 0];
+  const vec tile_max = transpose_reduce(t, [](vec a, vec b) { return a > b ? a : b; });
+  vec m = {};
+  for (int64_t c = 0; c < n; ++c) m[c] = st[c / G].m[c % G];
+  const vec new_m = m < tile_max ? tile_max : m;  // std::max(m, hmax(s))
+  const vec corr = exp_nonpos(m - new_m);
+  for (int64_t c = 0; c < n; ++c) t[c] = sc[c] = exp_nonpos(sc[c] - new_m[c]);
+  for (int64_t c = n; c < kLanes; ++c) t[c] = sc[0];
+  const vec sums = transpose_sum(t);
+  for (int64_t c = 0; c < n; ++c) {
+    NodeState& s = st[c / G];
+    const int64_t g = c % G;
+    const float cf = new_m[c] == s.m[g] ? 1.0f : corr[c];
+    s.m[g] = new_m[c];
+    s.l[g] = s.l[g] * cf + sums[c];
+    if (cf != 1.0f) {
+      for (int64_t k = 0; k < nc; ++k) s.acc[g][k] *= cf;
+    }
+  }
+}
+
 // A full tile's K rows as bf16 pairs, transposed: kt[P] lane i is pair P of row i (P < 16 * kV).
 // Four shuffle steps per 16 x 16 block of pairs.
 template <int64_t kV>
@@ -285,14 +315,17 @@ void attend_tree_bf16(const Problem<at::BFloat16>& p, int64_t b0, int64_t nodes,
     for (int64_t k = 0; k < kLanes / 2; ++k) {
       for (int64_t c = 0; c < kC; ++c) vi[k][c] = interleave_v(w.vrows[2 * k], w.vrows[2 * k + 1], c);
     }
+    vec sc[kLanes];  // (node i, head g) at i * G + g
     for (int64_t i = 0; i < nodes; ++i) {
-      const int32_t* qp = reinterpret_cast<const int32_t*>(p.q + ((b0 + i) * p.heads + h * G) * p.head_dim);
+      tile_scores<kV, G>(reinterpret_cast<const int32_t*>(p.q + ((b0 + i) * p.heads + h * G) * p.head_dim),
+                         p.head_dim / 2, kt, sc + i * G);
+      for (int64_t g = 0; g < G; ++g) sc[i * G + g] *= p.scale;
+    }
+    softmax_update_all(sc, nodes, G, st, kC);  // sc: the tile's probabilities
+    for (int64_t i = 0; i < nodes; ++i) {
       NodeState& s = st[i];
-      vec scores[G];
-      tile_scores<kV, G>(qp, p.head_dim / 2, kt, scores);
       for (int64_t g = 0; g < G; ++g) {
-        const vec probs = softmax_update(scores[g] * p.scale, s.m[g], s.l[g], s.acc[g], kC);
-        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[g]), (__m256i)_mm512_cvtneps_pbh((__m512)probs));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[g]), (__m256i)_mm512_cvtneps_pbh((__m512)sc[i * G + g]));
       }
       vec acc[G][kC];
       for (int64_t g = 0; g < G; ++g) {

@@ -157,18 +157,23 @@ inline vec halves(vec a, vec b, std::index_sequence<J...>) {
   return __builtin_shufflevector(a, b, (J / (kW / 2) * kW + (kHigh ? kW / 2 : 0) + J % (kW / 2))...);
 }
 
-// Lane i of the result is the sum of d[i]'s lanes: a transpose-and-add in log2(kLanes) halving
-// steps (kLanes - 1 adds in all) instead of kLanes separate horizontal sums. Overwrites d.
-template <int64_t kW = kLanes>
-inline vec transpose_sum(vec* d) {
+// Lane i of the result is op over d[i]'s lanes: a transpose-and-reduce in log2(kLanes) halving
+// steps (kLanes - 1 ops in all) instead of kLanes separate horizontal reductions, in the same
+// tree as reduce (lanes j and j + kLanes / 2 first). Overwrites d.
+template <int64_t kW = kLanes, typename Op>
+inline vec transpose_reduce(vec* d, Op op) {
   if constexpr (kW == 1) {
     return d[0];
   } else {
     for (int64_t k = 0; k < kW / 2; ++k) {  // kW vecs of kLanes / kW rows -> kW / 2 vecs of twice the rows
-      d[k] = halves<kW, false>(d[2 * k], d[2 * k + 1], Lanes{}) + halves<kW, true>(d[2 * k], d[2 * k + 1], Lanes{});
+      d[k] = op(halves<kW, false>(d[2 * k], d[2 * k + 1], Lanes{}), halves<kW, true>(d[2 * k], d[2 * k + 1], Lanes{}));
     }
-    return transpose_sum<kW / 2>(d);
+    return transpose_reduce<kW / 2>(d, op);
   }
+}
+
+inline vec transpose_sum(vec* d) {
+  return transpose_reduce(d, [](vec a, vec b) { return a + b; });
 }
 
 // Software prefetch for a weight stream read 128 bytes a step (the panel kernels: bf16_gemm.cpp,
