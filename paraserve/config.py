@@ -224,7 +224,7 @@ DEFAULT_MIN_DRAFT_PROB = 0.05
 # +0.5 ms per node for the whole decoder stack): there the bound hardly matters at 2-4k, 1.64x
 # with 8192 against 1.66x unbounded (benchmarks/results/spec-long*.txt; other runs: 1.67x, 1.68x,
 # 1.68x with 16384, 1.65x with 32768). Since the vector path shares a tree's context tiles too
-# (up to 4 nodes a walk; a node ~0.9 ms at 2k for the stack), the AMD EPYC gave 1.38x with 8192,
+# (up to 4 nodes a walk; a node ~0.8 ms at 2k for the stack), the AMD EPYC gave 1.38x with 8192,
 # 1.57x with 16384 and 1.63x unbounded (with the earlier kernel: 1.43x, 1.35x), hence 16384: at
 # 8k tokens of context a tree still holds 2 nodes, whose attention there costs about a plain step.
 DEFAULT_TREE_CONTEXT_BUDGET = 16384
