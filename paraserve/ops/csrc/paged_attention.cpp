@@ -127,11 +127,6 @@ void accumulate(vec p, const T* const* rows, int64_t n, int64_t nc_rt, vec* acc_
 }
 
 #if defined(__AVX512BF16__)
-// bf16 with D = 32 * kV: q . k on vdpbf16ps (bf16 products are exact, sums float32; the scale
-// applies to the sum), and p . V on it too, with p rounded to bf16 as flash attention does on
-// GPUs. A pair of V rows is interleaved once (one permute per 16 dims) and used by all G query
-// heads, whose accumulators stay in registers. About 2x fewer instructions than widening every
-// bf16 row to float32 for each head.
 // One query's running softmax for its G <= 4 heads (D <= 128) after a tree's shared tiles
 // (attend_tree_bf16), for attend_bf16 to go on from.
 struct NodeState {
@@ -148,7 +143,12 @@ inline __m512i interleave_v(const at::BFloat16* v0, const at::BFloat16* v1, int6
       _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(v1 + c * 16))));
 }
 
-// From tile `first` on (with `from`'s state, else from scratch).
+// bf16 with D = 32 * kV: q . k on vdpbf16ps (bf16 products are exact, sums float32; the scale
+// applies to the sum), and p . V on it too, with p rounded to bf16 as flash attention does on
+// GPUs. A pair of V rows is interleaved once (one permute per 16 dims) and used by all G query
+// heads, whose accumulators stay in registers. About 2x fewer instructions than widening every
+// bf16 row to float32 for each head. From tile `first` on, with `from`'s state (a tree node after
+// its shared tiles), else from the start.
 template <int64_t kC, int64_t G>
 void attend_bf16(const Problem<at::BFloat16>& p, int64_t b, int64_t h, Scratch<at::BFloat16>& w,
                  const NodeState* from = nullptr, int64_t first = 0) {
