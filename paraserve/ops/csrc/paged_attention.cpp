@@ -418,6 +418,7 @@ std::vector<Unit> plan_units(const Problem<T>& p) {
   grouped = std::is_same_v<T, at::BFloat16> && (kC == 4 || kC == 8) && p.heads / p.kv_heads <= 4;
 #endif
   std::vector<Unit> units;
+  units.reserve(p.batch * p.kv_heads);  // at most one unit per query and KV head: one allocation a call
   for (int64_t b = 0; b < p.batch;) {
     int64_t n = 1;
     while (grouped && b + n < p.batch && same_tree(p, b + n - 1)) ++n;
