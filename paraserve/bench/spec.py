@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 from paraserve.bench.report import Cell, Report
 
 if TYPE_CHECKING:
+    from paraserve.bench.step_timer import StepTimer
     from paraserve.engine.llm_engine import LLMEngine
     from paraserve.llm import LLM
     from paraserve.sampling_params import SamplingParams
@@ -48,6 +49,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="rounds of the alternating plain and speculative runs per prompt set and batch "
                         "size; the figures pool every round and the speedup cell adds the rounds' range, "
                         "as on a shared machine one round's speedup can move by 10%% (default: 1)")
+    g.add_argument("--step-breakdown", action="store_true",
+                   help="also time each decode step's phases (preparation, forward, LM head, sampling, "
+                        "verification, drafting) and add to the table the milliseconds per step and the "
+                        "speedup were drafting free; the phases are in the JSON (in-process engines only)")
     g.add_argument("--drafter", default=None, metavar="PATH",
                    help="ReDrafter directory from `paraserve train-drafter` (default: the one shipped for "
                         "the model; without one, redrafter is skipped with a note)")
@@ -134,16 +139,28 @@ class Run:
     num_drafts: int = 0
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
+    # --step-breakdown: seconds per phase over the decode steps timed (step_timer.py)
+    phase_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    timed_steps: int = 0
 
     def __add__(self, other: "Run") -> "Run":
+        phases = {k: self.phase_s.get(k, 0.0) + other.phase_s.get(k, 0.0)
+                  for k in self.phase_s.keys() | other.phase_s.keys()}
         return Run(self.decode_s + other.decode_s, self.decode_tokens + other.decode_tokens,
                    self.elapsed_s + other.elapsed_s, self.outputs + other.outputs,
                    self.num_drafts + other.num_drafts, self.num_draft_tokens + other.num_draft_tokens,
-                   self.num_accepted_tokens + other.num_accepted_tokens)
+                   self.num_accepted_tokens + other.num_accepted_tokens, phases,
+                   self.timed_steps + other.timed_steps)
 
 
-def run_requests(engine: "LLMEngine", prompts: Sequence[list[int]], params: "SamplingParams") -> Run:
+def run_requests(engine: "LLMEngine", prompts: Sequence[list[int]], params: "SamplingParams",
+                 timer: Optional["StepTimer"] = None) -> Run:
+    """timer: add up where the decode steps' time goes (the steps from the one after which every
+    request has its first token, as the decode rate)."""
     before = engine.spec_decoding_stats()
+    if timer is not None:
+        timer.totals.clear()
+        timer.steps = 0
     t0 = time.perf_counter()
     ids = [engine.add_request(None, {"prompt_token_ids": list(p)}, dataclasses.replace(params))
            for p in prompts]
@@ -152,7 +169,7 @@ def run_requests(engine: "LLMEngine", prompts: Sequence[list[int]], params: "Sam
     t_first: Optional[float] = None
     base = 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
+        for out in (engine.step() if timer is None else timer.step(keep=t_first is not None)):
             if out.request_id in counts:
                 counts[out.request_id] = len(out.outputs[0].token_ids)
                 if out.finished:
@@ -165,11 +182,12 @@ def run_requests(engine: "LLMEngine", prompts: Sequence[list[int]], params: "Sam
     after = engine.spec_decoding_stats()
     return Run(t_end - (t_first or t_end), sum(counts.values()) - base, t_end - t0, [done[i] for i in ids],
                after.num_drafts - before.num_drafts, after.num_draft_tokens - before.num_draft_tokens,
-               after.num_accepted_tokens - before.num_accepted_tokens)
+               after.num_accepted_tokens - before.num_accepted_tokens,
+               dict(timer.totals) if timer is not None else {}, timer.steps if timer is not None else 0)
 
 
 def measure(engine: "LLMEngine", prompts: Sequence[list[int]], batch_size: int, output_len: int,
-            bar: Any) -> tuple[Run, Run]:
+            bar: Any, timer: Optional["StepTimer"] = None) -> tuple[Run, Run]:
     """Plain and speculative runs of the prompts in groups of batch_size, alternating so that
     both see the same machine load."""
     from paraserve.sampling_params import SamplingParams
@@ -179,9 +197,9 @@ def measure(engine: "LLMEngine", prompts: Sequence[list[int]], batch_size: int, 
     plain, spec = [], []
     for start in range(0, len(prompts), batch_size):
         group = prompts[start:start + batch_size]
-        plain.append(run_requests(engine, group, plain_params))
+        plain.append(run_requests(engine, group, plain_params, timer))
         bar.update(len(group))
-        spec.append(run_requests(engine, group, spec_params))
+        spec.append(run_requests(engine, group, spec_params, timer))
         bar.update(len(group))
     return functools.reduce(operator.add, plain), functools.reduce(operator.add, spec)
 
@@ -226,6 +244,8 @@ def pooled_figures(rounds: Sequence[tuple[Run, Run]], batch_size: int, limit: in
     out["speedup_per_iter"] = per
     known = [x for x in per if x is not None]
     out["speedup_median"] = statistics.median(known) if known else None
+    if "step_ms" in out:  # each round's too: its figures move with the machine's state
+        out["step_ms_per_iter"] = [step_breakdown(p, s) for p, s in rounds]
     return out
 
 
@@ -247,11 +267,34 @@ def figures(plain: Run, spec: Run, batch_size: int, limit: int) -> dict[str, Any
             "mean_accepted_length": (spec.num_accepted_tokens + drafts) / drafts if drafts else None,
             "acceptance_rate": (spec.num_accepted_tokens / spec.num_draft_tokens
                                 if spec.num_draft_tokens else None),
-            "mismatches": mismatches(plain.outputs, spec.outputs)}
+            "mismatches": mismatches(plain.outputs, spec.outputs),
+            **({"step_ms": breakdown} if (breakdown := step_breakdown(plain, spec)) else {})}
+
+
+def step_breakdown(plain: Run, spec: Run) -> Optional[dict[str, Any]]:
+    """--step-breakdown's figures: per side, milliseconds per decode step by phase (step_timer.py)
+    and tokens per step; and the speedup the steps' times give, with and without drafting. The
+    latter charges the speculative step neither its drafting nor more verification than plain
+    decoding's sampling costs: what speculation would gain if proposing trees were free, an upper
+    bound for any faster drafter of the same accuracy."""
+    from paraserve.bench.step_timer import per_step_ms
+
+    p, s = per_step_ms(plain.phase_s, plain.timed_steps), per_step_ms(spec.phase_s, spec.timed_steps)
+    if p is None or s is None or not plain.decode_tokens or not spec.decode_tokens:
+        return None
+    p["tokens_per_step"] = plain.decode_tokens / plain.timed_steps
+    s["tokens_per_step"] = spec.decode_tokens / spec.timed_steps
+    plain_rate = p["tokens_per_step"] / p["step"]
+    free = s["step"] - s["drafting"] - s["verification"] - s["sampling"] + p["sampling"]
+    return {"plain": p, "spec": s, "speedup": s["tokens_per_step"] / s["step"] / plain_rate,
+            "speedup_without_drafting": s["tokens_per_step"] / free / plain_rate}
 
 
 HEADERS = ["method", "prompts", "batch", "speculation", "plain tok/s", "spec tok/s", "speedup",
            "accepted len", "acceptance", "output tokens", "greedy identical"]
+# with --step-breakdown: milliseconds per decode step, the speculative one's drafting, and the
+# speedup the steps' times give were drafting free (step_breakdown)
+BREAKDOWN_HEADERS = ["plain ms/step", "spec ms/step", "drafting ms", "without drafting"]
 
 
 def table_row(run: dict[str, Any]) -> list[Cell]:
@@ -265,7 +308,14 @@ def table_row(run: dict[str, Any]) -> list[Cell]:
             run["plain"]["decode_tokens_per_s"], run["spec"]["decode_tokens_per_s"],
             cell, run["mean_accepted_length"],
             run["acceptance_rate"], run["plain"]["output_tokens"],
-            "yes" if not bad else f"NO: {bad}/{run['requests']} differ"]
+            "yes" if not bad else f"NO: {bad}/{run['requests']} differ", *breakdown_cells(run)]
+
+
+def breakdown_cells(run: dict[str, Any]) -> list[Cell]:
+    b = run.get("step_ms")
+    if b is None:
+        return []
+    return [b["plain"]["step"], b["spec"]["step"], b["spec"]["drafting"], f"{b['speedup_without_drafting']:.2f}x"]
 
 
 # ---- the command ------------------------------------------------------------------------------
@@ -310,7 +360,8 @@ def run(args: argparse.Namespace) -> Report:
             common.free_memory()
 
     bad = [r for r in runs if r["mismatches"]]
-    return Report("spec", machine, common.config_of(args), HEADERS, [table_row(r) for r in runs],
+    headers = HEADERS + (BREAKDOWN_HEADERS if args.step_breakdown else [])
+    return Report("spec", machine, common.config_of(args), headers, [table_row(r) for r in runs],
                   {"runs": runs, "speculative_configs": used, "skipped": skipped,
                    "prompt_sets": {n: len(t) for n, t in texts.items()}, "greedy_identical": not bad},
                   _notes(args, used, skipped, runs), ok=not bad)
@@ -320,19 +371,25 @@ def _measure_method(llm: "LLM", method: str, texts: dict[str, list[str]], args: 
                     bar: Any) -> list[dict[str, Any]]:
     """Every prompt set x batch size on one engine built for `method`."""
     from paraserve.bench.prompt_sets import render, take
+    from paraserve.bench.step_timer import StepTimer
 
     engine = llm.engine
     limit = engine.config.speculative.disable_by_batch_size
     rendered = {name: render(llm.tokenizer, t) for name, t in texts.items()}
     _warm_up(engine, next(iter(rendered.values())))
+    timer = StepTimer(engine) if args.step_breakdown else None
     runs = []
-    for name, prompts in rendered.items():
-        for b in args.batch_sizes:
-            bar.set_description(f"{method} {name} batch {b}")
-            group = take(prompts, args.num_prompts if b == 1 else b)
-            rounds = [measure(engine, group, b, args.output_len, bar) for _ in range(args.num_iters)]
-            runs.append({"method": method, "prompts": name, **pooled_figures(rounds, b, limit)})
-            _shout(runs[-1])
+    try:
+        for name, prompts in rendered.items():
+            for b in args.batch_sizes:
+                bar.set_description(f"{method} {name} batch {b}")
+                group = take(prompts, args.num_prompts if b == 1 else b)
+                rounds = [measure(engine, group, b, args.output_len, bar, timer) for _ in range(args.num_iters)]
+                runs.append({"method": method, "prompts": name, **pooled_figures(rounds, b, limit)})
+                _shout(runs[-1])
+    finally:
+        if timer is not None:
+            timer.remove()
     return runs
 
 
@@ -365,6 +422,10 @@ def _notes(args: argparse.Namespace, used: dict[str, Any], skipped: dict[str, st
              "no transformers run",
              "accepted len: tokens per verification incl. the bonus token; acceptance: accepted / drafted "
              "tokens (every tree node counts as drafted)"]
+    if args.step_breakdown:
+        notes.append("step breakdown: wall ms per decode step, pooled over the rounds; drafting: the speculative "
+                     "step's proposing of the next trees; without drafting: the speedup those steps' times give "
+                     "were drafting free and verification as cheap as plain sampling (phases in the JSON)")
     for m, cfg in used.items():
         keys = ", ".join(f"{k}={v}" for k, v in cfg.items() if v is not None and k != "method")
         notes.append(f"{m}: {keys}")

@@ -1,6 +1,7 @@
 """`paraserve bench spec`: the shipped prompt sets, the speculative configs it builds, its figures
 and table on hand-made runs, and one tiny end-to-end run through the CLI. Never asserts on speed."""
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
@@ -155,6 +156,69 @@ def test_rounds_pool_their_runs_and_show_their_range():
     assert spec.table_row({"method": "ngram", "prompts": "chat", **one})[6] == "2.00x"
 
 
+def test_step_breakdown_per_step_figures_and_the_bound_without_drafting():
+    """--step-breakdown: phases per timed step in ms, tokens per step, and the speedup were drafting
+    free (the speculative step charged plain sampling's cost instead of its verification)."""
+    plain = spec.Run(1.0, 100, 1.1, [[1] * 101], phase_s={
+        "step": 1.0, "preparation": 0.01, "forward": 0.7, "lm_head": 0.2, "sampling": 0.05, "drafting": 0.001},
+        timed_steps=100)
+    fast = spec.Run(0.6, 120, 0.7, [[1] * 101], num_drafts=50, num_accepted_tokens=70, phase_s={
+        "step": 0.6, "preparation": 0.01, "forward": 0.35, "forward_modules": 0.02, "lm_head": 0.08,
+        "verification": 0.03, "drafting": 0.1, "search": 0.08}, timed_steps=50)
+    b = spec.figures(plain, fast, 1, 8)["step_ms"]
+    assert b["plain"]["step"] == pytest.approx(10.0) and b["plain"]["tokens_per_step"] == 1.0
+    assert b["plain"]["other"] == pytest.approx(10.0 - 0.1 - 7.0 - 2.0 - 0.5 - 0.01)
+    assert b["plain"]["verification"] == 0.0 and b["plain"]["search"] == 0.0
+    s = b["spec"]
+    assert s["forward"] == pytest.approx(7.4)  # the stack's and the modules' forward: one phase
+    assert (s["step"], s["drafting"], s["search"], s["tokens_per_step"]) == pytest.approx((12.0, 2.0, 1.6, 2.4))
+    assert s["other"] == pytest.approx(12.0 - 0.2 - 7.4 - 1.6 - 0.6 - 2.0)
+    assert b["speedup"] == pytest.approx(2.0)  # 2.4 tokens in 12 ms against 1 in 10
+    # without drafting: 12 - 2 (drafting) - 0.6 (verification) + 0.5 (plain sampling) = 9.9 ms
+    assert b["speedup_without_drafting"] == pytest.approx(2.4 / 9.9 / 0.1)
+    row = spec.table_row({"method": "redrafter", "prompts": "chat", **spec.figures(plain, fast, 1, 8)})
+    assert len(row) == len(spec.HEADERS + spec.BREAKDOWN_HEADERS)
+    assert row[-4:-1] == pytest.approx([10.0, 12.0, 2.0]) and row[-1] == "2.42x"
+    # pooled rounds add their phases; runs timed without it carry no breakdown
+    pooled = spec.pooled_figures([(plain, fast), (plain, fast)], 1, 8)
+    assert pooled["step_ms"]["spec"] == pytest.approx(s) and pooled["step_ms"]["speedup"] == pytest.approx(2.0)
+    assert pooled["step_ms_per_iter"] == [b, b]
+    assert "step_ms" not in spec.figures(spec.Run(1.0, 10, 1.0, [[1]]), spec.Run(1.0, 10, 1.0, [[1]]), 1, 8)
+
+
+def test_step_timer_times_an_engines_decode_steps_and_comes_off(tiny_model_dir):
+    from paraserve import LLM, SamplingParams
+    from paraserve.bench.step_timer import PHASES, StepTimer, per_step_ms
+
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float32", max_model_len=256, threads=1,
+              speculative_config={"method": "ngram", "disable_by_batch_size": 64})
+    engine, runner = llm.engine, llm.engine.worker.runner
+    prompt = [5, 6, 7, 8, 9] * 6  # repeats: prompt lookup drafts
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    before = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids
+    timer = StepTimer(engine)
+    assert {"_prepare", "_sample", "_verify", "_propose"} <= set(vars(runner))
+    try:
+        plain = spec.run_requests(engine, [prompt], dataclasses.replace(params, speculative=False), timer)
+        fast = spec.run_requests(engine, [prompt], params, timer)
+    finally:
+        timer.remove()
+    # the prefill step is not timed: one step per later token without speculation
+    assert plain.timed_steps == plain.decode_tokens == 15
+    assert 1 <= fast.timed_steps <= 15 and fast.num_drafts > 0
+    p, s = per_step_ms(plain.phase_s, plain.timed_steps), per_step_ms(fast.phase_s, fast.timed_steps)
+    assert set(p) == set(PHASES) | {"search", "step"}
+    assert all(p[k] > 0 for k in ("preparation", "forward", "lm_head", "sampling", "step"))
+    assert p["verification"] == 0.0 and s["verification"] > 0 and s["drafting"] > 0
+    assert p["other"] >= 0 and s["other"] >= 0
+    assert s["step"] == pytest.approx(sum(s[k] for k in PHASES))
+    # off again: the classes' methods, and the engine runs as before
+    assert not {"_prepare", "_sample", "_verify", "_propose"} & set(vars(runner))
+    assert "compute_logits" not in vars(runner.model) and "forward" not in vars(runner.model)
+    assert plain.outputs == fast.outputs == [list(before)]
+    assert llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)[0].outputs[0].token_ids == before
+
+
 # ---- end to end on a tiny random model ---------------------------------------------------------
 
 def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
@@ -164,7 +228,7 @@ def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
          "--model", str(tiny_model_dir("llama")),
          "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-model-len", "512", "--threads", "1",
          "--batch-sizes", "1,3", "--num-prompts", "2", "--output-len", "12", "--num-iters", "2",
-         "--speculative-config", '{"disable_by_batch_size": 2}', "--output-json", str(out)],
+         "--speculative-config", '{"disable_by_batch_size": 2}', "--step-breakdown", "--output-json", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
@@ -191,7 +255,11 @@ def test_spec_bench_end_to_end(tiny_model_dir, tmp_path):
                for x in on)
     # batch 3 > disable_by_batch_size 2: off (until EOS leaves 2 or fewer running: "tail on")
     assert all(x["speculation"].startswith("off (>2)") for x in runs if x["batch_size"] == 3)
-    assert [row[-1] for row in data["table"]["rows"]] == ["yes"] * 4
+    assert [row[10] for row in data["table"]["rows"]] == ["yes"] * 4
+    # --step-breakdown: ms per decode step and the bound without drafting, the phases in the JSON
+    assert data["table"]["headers"][-4:] == spec.BREAKDOWN_HEADERS
+    assert all(x["step_ms"]["spec"]["forward"] > 0 and x["step_ms"]["speedup_without_drafting"] > 0 for x in runs)
+    assert "step breakdown:" in r.stdout
     assert all(" (" in row[6] and row[6].endswith(")") for row in data["table"]["rows"])  # the rounds' range
     assert "2 rounds, pooled" in r.stdout
 
