@@ -165,7 +165,7 @@ def test_linear_layer_uses_the_kernel_for_few_rows(monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 37])
+@pytest.mark.parametrize("rows", [1, 37, 600])  # 600: enough rows of 64 to split over threads
 def test_rms_norm_matches_torch_and_adds_the_residual_in_place(monkeypatch, dtype, rows):
     norm = layernorm.RMSNorm(64, eps=1e-5).to(dtype)
     norm.weight.data = torch.randn(64, dtype=dtype)

@@ -23,11 +23,17 @@ inline float f32(T v) { return static_cast<float>(v); }
 template <typename T>
 inline T round_to(float v) { return static_cast<T>(v); }
 
+// Rows per thread before a norm splits over threads: forking costs more than a few rows' work
+// (8 rows of SmolLM2's 576: 2.0 us on two threads of a Zen 4, 0.6 us on one). Rows are
+// independent, so the split never changes a result.
+constexpr int64_t kNormSplitElems = 16384;
+
 template <typename T>
 void rms_norm_rows(const T* x, int64_t x_stride, T* res, int64_t res_stride, const T* w, T* out, int64_t rows,
                    int64_t h, float eps) {
   const T* tag = nullptr;  // selects round_as for T
-  at::parallel_for(0, rows, 4, [&](int64_t r0, int64_t r1) {
+  const int64_t grain = std::max<int64_t>(1, kNormSplitElems / std::max<int64_t>(h, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * x_stride;
       const T* src = xr;
