@@ -330,6 +330,10 @@ def run(args: argparse.Namespace) -> Report:
 
     if args.output_len < 1 or args.num_prompts < 1 or args.num_iters < 1:
         raise ValueError("--output-len, --num-prompts and --num-iters must be >= 1")
+    if args.step_breakdown and (args.distributed_executor_backend or args.tensor_parallel_size > 1
+                                or args.context_parallel_size > 1):
+        raise ValueError("--step-breakdown times the engine's worker in this process: one rank, "
+                         "without --distributed-executor-backend")
     configs = spec_configs(args.methods, args.speculative_config, args.drafter)
     texts = {name: load_prompt_set(name) for name in args.prompt_sets}
     source_name = resolve_model(args.model).name  # what the engine finds a shipped drafter by

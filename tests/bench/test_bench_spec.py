@@ -104,6 +104,17 @@ def test_batch_sizes_and_names_flags():
             spec._sizes(bad)
 
 
+
+def test_step_breakdown_refuses_workers_in_other_processes_before_loading():
+    from paraserve.server.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "spec"]).step_breakdown is False
+    for extra in (["--tensor-parallel-size", "2"], ["--distributed-executor-backend", "mp"]):
+        args = build_parser().parse_args(["bench", "spec", "--step-breakdown", *extra])
+        with pytest.raises(ValueError, match="--step-breakdown times the engine's worker in this process"):
+            spec.run(args)
+
+
 # ---- figures and the table ---------------------------------------------------------------------
 
 def test_mismatches_find_the_first_difference():
