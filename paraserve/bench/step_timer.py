@@ -12,13 +12,17 @@ drops the ones that run a prefill):
     drafting      ModelRunner._propose: the next trees (search: the drafter's beam search in it)
     other         the rest of LLMEngine.step: scheduling, outputs, detokenizing
 
-The wrappers cost two clock reads a call (a few microseconds a step)."""
+The wrappers cost two clock reads a call (a few microseconds a step). On a GPU each wrapped call
+also waits for its kernels (torch.cuda.synchronize), so a phase holds its own work rather than
+its launches."""
 from __future__ import annotations
 
 import collections
 import functools
 import time
 from typing import Any, Callable, Optional
+
+import torch
 
 # phase -> (object path from the runner, attribute); "" is the runner itself
 _WRAPPED = {
@@ -43,6 +47,7 @@ class StepTimer:
             raise ValueError("--step-breakdown needs the engine's worker in this process "
                              "(one rank, no --distributed-executor-backend)")
         self.engine = engine
+        self._sync = torch.device(getattr(runner, "device", "cpu")).type == "cuda"
         self._current: dict[str, float] = collections.defaultdict(float)
         self.totals: dict[str, float] = collections.defaultdict(float)
         self.steps = 0
@@ -58,7 +63,10 @@ class StepTimer:
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             try:
-                return fn(*args, **kwargs)
+                out = fn(*args, **kwargs)
+                if self._sync:
+                    torch.cuda.synchronize()
+                return out
             finally:
                 self._current[phase] += time.perf_counter() - t0
         return timed
