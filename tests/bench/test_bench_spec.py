@@ -104,7 +104,6 @@ def test_batch_sizes_and_names_flags():
             spec._sizes(bad)
 
 
-
 def test_step_breakdown_refuses_workers_in_other_processes_before_loading():
     from paraserve.server.cli import build_parser
 
